@@ -1,0 +1,162 @@
+//! Flags every worker accepts (the contract's invocation part), flattened into
+//! each worker's own clap struct. Every flag is also read from the environment
+//! as `POPULATOR_<FLAG>`; the flag wins.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::archive::ExtractOptions;
+use crate::content::{ContentMode, ContentSpec};
+use crate::decompress::DecompressMode;
+use crate::digest::Checksum;
+use crate::progress::ProgressMode;
+
+#[derive(clap::Args, Clone, Debug)]
+#[command(next_help_heading = "Target and reporting (every worker)")]
+pub struct CommonArgs {
+    /// The volume: a directory (filesystem volume), a block device, or an image
+    /// file. Default: /dev/block when it is a block device, else /mnt.
+    #[arg(long, visible_alias = "volume-path", env = "POPULATOR_TARGET", value_name = "PATH")]
+    pub target: Option<PathBuf>,
+
+    /// The PVC's UID, used as the ownerUID label of the metrics.
+    #[arg(long, env = "POPULATOR_OWNER_UID", value_name = "UID", default_value = "")]
+    pub owner_uid: String,
+
+    /// The requested volume size: an upper bound on what may be written
+    /// (bytes, or with a suffix: 10Gi, 500M).
+    #[arg(long, env = "POPULATOR_PVC_SIZE", value_name = "BYTES", value_parser = parse_size)]
+    pub pvc_size: Option<u64>,
+
+    /// How progress is shown: a bar on a terminal and log lines otherwise
+    /// (auto), or always a bar, log lines, JSON lines, or nothing.
+    #[arg(long, env = "POPULATOR_PROGRESS", value_enum, default_value_t, value_name = "MODE")]
+    pub progress: ProgressMode,
+
+    /// Seconds between progress log lines.
+    #[arg(long, env = "POPULATOR_PROGRESS_INTERVAL", default_value_t = 5.0, value_name = "SECONDS")]
+    pub progress_interval: f64,
+
+    /// Serve Prometheus metrics on HOST:PORT over HTTPS (off by default).
+    #[arg(long, env = "POPULATOR_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// PEM certificate for the metrics endpoint (default: self-signed).
+    #[arg(long, env = "POPULATOR_METRICS_CERT_FILE", value_name = "PATH", requires = "metrics_key_file")]
+    pub metrics_cert_file: Option<PathBuf>,
+
+    /// PEM private key for the metrics endpoint.
+    #[arg(long, env = "POPULATOR_METRICS_KEY_FILE", value_name = "PATH", requires = "metrics_cert_file")]
+    pub metrics_key_file: Option<PathBuf>,
+
+    /// Serve metrics over plain HTTP instead of HTTPS.
+    #[arg(long, env = "POPULATOR_METRICS_INSECURE_HTTP")]
+    pub metrics_insecure_http: bool,
+
+    /// Name of the progress metric, e.g. kubevirt_cdi_import_progress_total
+    /// for CDI's controller.
+    #[arg(long, env = "POPULATOR_METRICS_PROGRESS_NAME", default_value = "populator_progress", value_name = "NAME")]
+    pub metrics_progress_name: String,
+
+    /// Seconds the metrics endpoint keeps serving after the end.
+    #[arg(long, env = "POPULATOR_METRICS_LINGER", default_value_t = 5.0, value_name = "SECONDS")]
+    pub metrics_linger: f64,
+
+    /// Where the JSON result goes (default: /dev/termination-log when writable).
+    #[arg(long, env = "POPULATOR_TERMINATION_LOG", value_name = "PATH")]
+    pub termination_log: Option<PathBuf>,
+}
+
+/// Flags of the workers that receive one byte stream (http-import,
+/// upload-receiver, backup-restore of archives and images).
+#[derive(clap::Args, Clone, Debug)]
+#[command(next_help_heading = "Content")]
+pub struct ContentArgs {
+    /// What the bytes are: a file, a tar archive to extract, or a disk image.
+    #[arg(long, env = "POPULATOR_CONTENT", value_enum, default_value_t, value_name = "KIND")]
+    pub content: ContentMode,
+
+    /// File name in a directory target (default: the source's own name).
+    #[arg(long, env = "POPULATOR_FILE_NAME", value_name = "NAME", value_parser = parse_file_name)]
+    pub file_name: Option<String>,
+
+    /// Decompress gzip, xz, zstd and bzip2 found by magic bytes (auto), or not.
+    #[arg(long, env = "POPULATOR_DECOMPRESS", value_enum, default_value_t, value_name = "MODE")]
+    pub decompress: DecompressMode,
+
+    /// Expected digest of the source bytes as received: md5, sha1, sha256 or
+    /// sha512 (repeatable).
+    #[arg(long = "checksum", env = "POPULATOR_CHECKSUM", value_name = "ALGO:HEX", value_delimiter = ',')]
+    pub checksums: Vec<Checksum>,
+
+    /// Create device nodes and fifos from archives (root only).
+    #[arg(long, env = "POPULATOR_PRESERVE_DEVICES")]
+    pub preserve_devices: bool,
+
+    /// Keep setuid/setgid bits from archives.
+    #[arg(long, env = "POPULATOR_PRESERVE_SETUID")]
+    pub preserve_setuid: bool,
+
+    /// Do not set owners from archives (they are set only when running as root).
+    #[arg(long, env = "POPULATOR_NO_CHOWN")]
+    pub no_chown: bool,
+}
+
+impl ContentArgs {
+    /// The content spec, with `default_name` for file content in a directory.
+    pub fn spec(&self, default_name: &str) -> ContentSpec {
+        ContentSpec {
+            mode: self.content,
+            decompress: self.decompress,
+            checksums: self.checksums.clone(),
+            file_name: self.file_name.clone().unwrap_or_else(|| default_name.to_string()),
+            extract: ExtractOptions {
+                preserve_owner: !self.no_chown,
+                preserve_devices: self.preserve_devices,
+                preserve_setuid: self.preserve_setuid,
+                capacity: None,
+                max_entries: None,
+            },
+        }
+    }
+}
+
+fn parse_file_name(s: &str) -> Result<String, String> {
+    crate::content::validate_file_name(s)?;
+    Ok(s.to_string())
+}
+
+/// Sizes as Kubernetes writes them: `1073741824`, `10Gi`, `500M`, `1.5Ti`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("'{s}' is not a size (for example 10Gi or 1073741824)"))?;
+    let unit: f64 = match suffix {
+        "" => 1.0,
+        "k" | "K" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        other => return Err(format!("unknown size suffix '{other}' in '{s}' (use Ki, Mi, Gi, Ti or k, M, G, T)")),
+    };
+    Ok((value * unit) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10Gi"), Ok(10 << 30));
+        assert_eq!(parse_size("500M"), Ok(500_000_000));
+        assert_eq!(parse_size("42"), Ok(42));
+        assert!(parse_size("10Qi").is_err());
+    }
+}

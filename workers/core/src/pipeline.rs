@@ -1,0 +1,260 @@
+//! The byte-stream pipeline shared by http-import, upload-receiver and
+//! backup-restore:
+//!
+//! ```text
+//! source (network, async) ─chunks─▶ digest thread ─chunks─▶ decode+sink thread
+//!                                   md5/sha*/…              decompress → content sink → target
+//! ```
+//!
+//! Each arrow is a bounded channel, so memory stays small and the stages run
+//! on different cores. A source that must start over (the file changed
+//! between resumed requests) returns [`restart`]; the pipeline then discards
+//! what the sink wrote and runs again from zero. Checksums are compared before
+//! the sink commits: nothing is reported as populated until it is verified.
+
+use std::io::{self, Read, Write};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+
+use crate::content::{self, ContentSpec, Sink, StreamInfo};
+use crate::decompress::{self, Compression};
+use crate::digest::{Digests, MultiDigest};
+use crate::error::{classify, fail, into_io, Kind};
+use crate::progress::Progress;
+use crate::target::Target;
+use crate::worker::Context;
+
+/// Chunks in flight per channel. Network chunks are 8–64 KiB, so the two
+/// channels hold a few MiB at most.
+const CHANNEL_DEPTH: usize = 64;
+/// How often a source may start over from zero before the import fails.
+const MAX_RESTARTS: u32 = 3;
+const COPY_BUFFER: usize = 256 * 1024;
+
+enum Chunk {
+    Data(Bytes),
+    End,
+}
+
+/// The source's end of the pipeline.
+pub struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+    progress: Arc<Progress>,
+}
+
+impl ChunkSender {
+    /// Sends one chunk of source bytes downstream; counts it as read and done.
+    pub async fn send(&self, data: Bytes) -> Result<()> {
+        let n = data.len() as u64;
+        self.tx.send(Chunk::Data(data)).await.map_err(|_| pipeline_closed())?;
+        self.progress.add_read(n);
+        self.progress.advance(n);
+        Ok(())
+    }
+
+    /// `send` for sources that are not async.
+    pub fn send_blocking(&self, data: Bytes) -> Result<()> {
+        let n = data.len() as u64;
+        self.tx.blocking_send(Chunk::Data(data)).map_err(|_| pipeline_closed())?;
+        self.progress.add_read(n);
+        self.progress.advance(n);
+        Ok(())
+    }
+
+    /// Marks the end of the source: everything was sent.
+    pub async fn finish(self) -> Result<()> {
+        self.tx.send(Chunk::End).await.map_err(|_| pipeline_closed())
+    }
+
+    pub fn finish_blocking(self) -> Result<()> {
+        self.tx.blocking_send(Chunk::End).map_err(|_| pipeline_closed())
+    }
+}
+
+fn pipeline_closed() -> anyhow::Error {
+    fail(Kind::Internal, "PipelineClosed", "the pipeline stopped taking data")
+}
+
+/// The error a source returns to make the pipeline start over from zero.
+pub fn restart(why: impl Into<String>) -> anyhow::Error {
+    fail(Kind::Transient, "SourceRestart", why)
+}
+
+fn is_reason(err: &anyhow::Error, reason: &str) -> bool {
+    classify(err).reason == reason
+}
+
+/// What a finished stream produced.
+#[derive(Debug)]
+pub struct StreamOutcome {
+    pub digests: Digests,
+    pub compression: Compression,
+    pub restarts: u32,
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Runs `source` into the target through digest, decompression and the
+/// content sink, starting over when the source asks to.
+pub fn run_stream<S>(target: &Target, spec: &ContentSpec, ctx: &Context, mut source: S) -> Result<StreamOutcome>
+where
+    S: FnMut(ChunkSender) -> Result<()>,
+{
+    let mut restarts = 0;
+    loop {
+        match attempt(target, spec, ctx, &mut source) {
+            Err(e) if is_reason(&e, "SourceRestart") && restarts < MAX_RESTARTS && !ctx.cancel.is_cancelled() => {
+                restarts += 1;
+                crate::log::warn(format!("starting over from zero: {e:#}"));
+                ctx.progress.restart();
+            }
+            Err(e) => {
+                ctx.report.set_digests(&Digests::default());
+                return Err(e);
+            }
+            Ok(mut outcome) => {
+                outcome.restarts = restarts;
+                return Ok(outcome);
+            }
+        }
+    }
+}
+
+fn attempt<S>(target: &Target, spec: &ContentSpec, ctx: &Context, source: &mut S) -> Result<StreamOutcome>
+where
+    S: FnMut(ChunkSender) -> Result<()>,
+{
+    let mut sink = content::open_sink(target, spec, ctx)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_DEPTH);
+    let (tx2, rx2) = mpsc::sync_channel(CHANNEL_DEPTH);
+    let expected = spec.checksums.clone();
+    let (source_result, digests, consumed) = std::thread::scope(|s| {
+        let hasher = std::thread::Builder::new()
+            .name("digest".into())
+            .spawn_scoped(s, move || hash_stage(rx, tx2, MultiDigest::new(&expected)))
+            .expect("spawning the digest thread");
+        let sink_ref = &mut sink;
+        let consumer = std::thread::Builder::new()
+            .name("sink".into())
+            .spawn_scoped(s, move || consume(sink_ref.as_mut(), rx2, spec, ctx))
+            .expect("spawning the sink thread");
+        let source_result = source(ChunkSender { tx, progress: ctx.progress.clone() });
+        let digests = hasher.join().expect("the digest thread panicked");
+        let consumed = consumer.join().expect("the sink thread panicked");
+        (source_result, digests, consumed)
+    });
+    let outcome = (|| {
+        ctx.cancel.check()?;
+        // The sink's own failure (corrupt data, no space) explains more than
+        // the source noticing that the pipeline closed.
+        let compression = match consumed {
+            Err(e) if !is_reason(&e, "SourceAborted") => return Err(e),
+            Err(e) => {
+                source_result?;
+                return Err(e);
+            }
+            Ok(c) => c,
+        };
+        source_result?;
+        let digests = digests.ok_or_else(|| fail(Kind::Internal, "InternalError", "the digest stage stopped early"))?;
+        ctx.report.set_digests(&digests);
+        if let Some(mismatch) = digests.mismatch(&spec.checksums) {
+            return Err(fail(Kind::Integrity, "ChecksumMismatch", mismatch));
+        }
+        ctx.progress.set_stage("flushing");
+        sink.commit()?;
+        Ok(StreamOutcome { digests, compression, restarts: 0, details: sink.details() })
+    })();
+    if outcome.is_err() {
+        sink.abort();
+    }
+    outcome
+}
+
+fn hash_stage(
+    mut rx: tokio::sync::mpsc::Receiver<Chunk>,
+    tx: mpsc::SyncSender<Chunk>,
+    mut digest: MultiDigest,
+) -> Option<Digests> {
+    while let Some(chunk) = rx.blocking_recv() {
+        match chunk {
+            Chunk::Data(data) => {
+                digest.update(&data);
+                tx.send(Chunk::Data(data)).ok()?;
+            }
+            Chunk::End => {
+                tx.send(Chunk::End).ok()?;
+                return Some(digest.finish());
+            }
+        }
+    }
+    None
+}
+
+/// The sink thread: detect compression, decode, hand the plain bytes to the
+/// sink, then read the source to its end so every byte is digested.
+fn consume(sink: &mut dyn Sink, rx: mpsc::Receiver<Chunk>, spec: &ContentSpec, ctx: &Context) -> Result<Compression> {
+    let mut reader = ChannelReader { rx, current: Bytes::new(), ended: false, cancel: ctx.cancel.clone() };
+    let compression = {
+        let (compression, mut decoded) = decompress::open(&mut reader, spec.decompress)?;
+        ctx.report.set("compression", compression.name());
+        let info = StreamInfo { compression, declared_size: ctx.progress.total() };
+        sink.write_stream(&mut decoded, &info)?;
+        compression
+    };
+    copy(&mut reader, &mut io::sink())?;
+    Ok(compression)
+}
+
+/// `io::Read` over the chunks from the digest stage.
+struct ChannelReader {
+    rx: mpsc::Receiver<Chunk>,
+    current: Bytes,
+    ended: bool,
+    cancel: crate::cancel::CancelToken,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Chunk::Data(d)) => self.current = d,
+                Ok(Chunk::End) => self.ended = true,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.cancel.is_cancelled() {
+                        return Err(into_io(Kind::Terminated, "Terminated", "terminated by signal"));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(into_io(Kind::Transient, "SourceAborted", "the source stopped before the end of the data"))
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+/// `io::copy` with a large buffer (the std one reads 8 KiB at a time).
+pub fn copy(reader: &mut dyn Read, writer: &mut dyn Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut total = 0;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        writer.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
