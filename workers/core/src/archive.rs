@@ -81,7 +81,13 @@ pub fn extract(
 ) -> Result<ExtractSummary> {
     let mut archive = tar::Archive::new(reader);
     let mut summary = ExtractSummary::default();
-    let mut extractor = Extractor { root, options, progress, summary: &mut summary, warned_devices: false };
+    let mut extractor = Extractor {
+        root,
+        options,
+        progress,
+        summary: &mut summary,
+        warned_devices: false,
+    };
     for entry in archive.entries().map_err(corrupt)? {
         cancel.check()?;
         let mut entry = entry.map_err(corrupt)?;
@@ -92,10 +98,16 @@ pub fn extract(
 
 fn corrupt(e: io::Error) -> anyhow::Error {
     // Errors from below the tar parser (decompression, the source) keep their kind.
-    if e.get_ref().is_some_and(|inner| inner.is::<crate::error::WorkerError>()) {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<crate::error::WorkerError>())
+    {
         return anyhow::Error::new(e);
     }
-    fail(Kind::Integrity, "CorruptData", format!("the tar archive is corrupt or truncated: {e}"))
+    fail(
+        Kind::Integrity,
+        "CorruptData",
+        format!("the tar archive is corrupt or truncated: {e}"),
+    )
 }
 
 struct Extractor<'a> {
@@ -110,10 +122,17 @@ impl Extractor<'_> {
     fn entry(&mut self, entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<()> {
         use tar::EntryType as T;
         let kind = entry.header().entry_type();
-        if matches!(kind, T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink) {
+        if matches!(
+            kind,
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
+        ) {
             return Ok(());
         }
-        let raw = entry.path().map_err(corrupt)?.into_owned();
+        let sparse = pax_sparse_v1(entry)?;
+        let raw = match &sparse {
+            Some(s) => s.name.clone(),
+            None => entry.path().map_err(corrupt)?.into_owned(),
+        };
         let rel = safe_relative(&raw)?;
         if rel.as_os_str().is_empty() {
             return Ok(()); // "./" itself: the target root keeps its own metadata
@@ -139,14 +158,15 @@ impl Extractor<'_> {
                         fs::remove_file(&dst)?;
                         fs::create_dir(&dst)?;
                     }
-                    Err(_) => fs::create_dir(&dst).with_context(|| format!("creating directory {}", dst.display()))?,
+                    Err(_) => fs::create_dir(&dst)
+                        .with_context(|| format!("creating directory {}", dst.display()))?,
                 }
                 self.summary.directories.push(DirMeta { path: rel, meta });
                 return Ok(());
             }
             T::Regular | T::Continuous | T::GNUSparse => {
                 self.clear(&dst, &rel)?;
-                self.write_file(entry, &dst)?;
+                self.write_file(entry, &dst, sparse.as_ref())?;
                 self.summary.files += 1;
             }
             T::Symlink => {
@@ -155,7 +175,8 @@ impl Extractor<'_> {
                     .map_err(corrupt)?
                     .ok_or_else(|| hostile(format!("symlink {} has no target", raw.display())))?;
                 self.clear(&dst, &rel)?;
-                std::os::unix::fs::symlink(&*target, &dst).with_context(|| format!("creating symlink {}", dst.display()))?;
+                std::os::unix::fs::symlink(&*target, &dst)
+                    .with_context(|| format!("creating symlink {}", dst.display()))?;
             }
             T::Link => {
                 let link = entry
@@ -163,7 +184,11 @@ impl Extractor<'_> {
                     .map_err(corrupt)?
                     .ok_or_else(|| hostile(format!("hardlink {} has no target", raw.display())))?;
                 let link_rel = safe_relative(&link).map_err(|_| {
-                    hostile(format!("hardlink {} points outside the target: {}", raw.display(), link.display()))
+                    hostile(format!(
+                        "hardlink {} points outside the target: {}",
+                        raw.display(),
+                        link.display()
+                    ))
                 })?;
                 self.check_no_symlink_parents(&link_rel, &raw)?;
                 let src = self.root.join(&link_rel);
@@ -178,7 +203,8 @@ impl Extractor<'_> {
                     }
                 }
                 self.clear(&dst, &rel)?;
-                fs::hard_link(&src, &dst).with_context(|| format!("creating hardlink {}", dst.display()))?;
+                fs::hard_link(&src, &dst)
+                    .with_context(|| format!("creating hardlink {}", dst.display()))?;
                 return Ok(()); // a hardlink shares its inode's metadata
             }
             T::Char | T::Block | T::Fifo => {
@@ -203,13 +229,20 @@ impl Extractor<'_> {
                 let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
                 let c = cstr(&dst)?;
                 // SAFETY: valid C string; mknod has no memory preconditions.
-                if unsafe { libc::mknod(c.as_ptr(), file_type | 0o600, libc::makedev(major, minor)) } != 0 {
-                    return Err(io::Error::last_os_error()).with_context(|| format!("creating {}", dst.display()));
+                if unsafe {
+                    libc::mknod(c.as_ptr(), file_type | 0o600, libc::makedev(major, minor))
+                } != 0
+                {
+                    return Err(io::Error::last_os_error())
+                        .with_context(|| format!("creating {}", dst.display()));
                 }
             }
             other => {
                 self.summary.skipped += 1;
-                crate::log::warn(format!("skipping {} of unsupported tar type {other:?}", raw.display()));
+                crate::log::warn(format!(
+                    "skipping {} of unsupported tar type {other:?}",
+                    raw.display()
+                ));
                 return Ok(());
             }
         }
@@ -240,7 +273,8 @@ impl Extractor<'_> {
                         at.strip_prefix(self.root).unwrap_or(&at).display()
                     )))
                 }
-                Err(_) => fs::create_dir(&at).with_context(|| format!("creating directory {}", at.display()))?,
+                Err(_) => fs::create_dir(&at)
+                    .with_context(|| format!("creating directory {}", at.display()))?,
             }
         }
         Ok(())
@@ -252,7 +286,10 @@ impl Extractor<'_> {
         for part in &parts[..parts.len().saturating_sub(1)] {
             at.push(part);
             if !fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
-                return Err(hostile(format!("hardlink {} points through a symlink or a missing directory", entry.display())));
+                return Err(hostile(format!(
+                    "hardlink {} points through a symlink or a missing directory",
+                    entry.display()
+                )));
             }
         }
         Ok(())
@@ -262,13 +299,21 @@ impl Extractor<'_> {
     /// tar does); unlinking a symlink never touches what it points to.
     fn clear(&self, dst: &Path, rel: &Path) -> Result<()> {
         match fs::symlink_metadata(dst) {
-            Ok(m) if m.is_dir() => Err(hostile(format!("entry {} would replace a directory", rel.display()))),
+            Ok(m) if m.is_dir() => Err(hostile(format!(
+                "entry {} would replace a directory",
+                rel.display()
+            ))),
             Ok(_) => Ok(fs::remove_file(dst)?),
             Err(_) => Ok(()),
         }
     }
 
-    fn write_file(&mut self, entry: &mut tar::Entry<'_, &mut dyn Read>, dst: &Path) -> Result<()> {
+    fn write_file(
+        &mut self,
+        entry: &mut tar::Entry<'_, &mut dyn Read>,
+        dst: &Path,
+        sparse: Option<&SparseV1>,
+    ) -> Result<()> {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -276,17 +321,31 @@ impl Extractor<'_> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(dst)
             .with_context(|| format!("creating {}", dst.display()))?;
-        let remaining = self.options.capacity.map(|c| c.saturating_sub(self.summary.bytes));
-        let mut writer = VolumeWriter::new(file, ZeroMode::Holes, remaining, format!("the rest of target {}", self.root.display()))
-            .with_progress(self.progress.clone());
-        let copied = crate::pipeline::copy(entry, &mut writer).map_err(|e| {
+        let remaining = self
+            .options
+            .capacity
+            .map(|c| c.saturating_sub(self.summary.bytes));
+        let mut writer = VolumeWriter::new(
+            file,
+            ZeroMode::Holes,
+            remaining,
+            format!("the rest of target {}", self.root.display()),
+        )
+        .with_progress(self.progress.clone());
+        let copied = match sparse {
+            None => crate::pipeline::copy(entry, &mut writer),
+            Some(s) => copy_sparse_v1(entry, &mut writer, s.real_size),
+        }
+        .map_err(|e| {
             if e.get_ref().is_some() {
                 anyhow::Error::new(e)
             } else {
                 corrupt(e)
             }
         })?;
-        writer.finish(false).with_context(|| format!("writing {}", dst.display()))?;
+        writer
+            .finish(false)
+            .with_context(|| format!("writing {}", dst.display()))?;
         self.summary.bytes += copied;
         Ok(())
     }
@@ -295,8 +354,14 @@ impl Extractor<'_> {
         let c = cstr(dst)?;
         if self.options.preserve_owner && is_root() {
             // SAFETY: valid C string. lchown never follows a symlink.
-            if unsafe { libc::lchown(c.as_ptr(), meta.uid as libc::uid_t, meta.gid as libc::gid_t) } != 0 {
-                crate::log::warn(format!("cannot set the owner of {}: {}", dst.display(), io::Error::last_os_error()));
+            if unsafe { libc::lchown(c.as_ptr(), meta.uid as libc::uid_t, meta.gid as libc::gid_t) }
+                != 0
+            {
+                crate::log::warn(format!(
+                    "cannot set the owner of {}: {}",
+                    dst.display(),
+                    io::Error::last_os_error()
+                ));
             }
         }
         if !is_symlink {
@@ -306,12 +371,105 @@ impl Extractor<'_> {
             }
             // SAFETY: valid C string. The path is not a symlink (checked by the caller).
             if unsafe { libc::chmod(c.as_ptr(), mode) } != 0 {
-                return Err(io::Error::last_os_error()).with_context(|| format!("setting the mode of {}", dst.display()));
+                return Err(io::Error::last_os_error())
+                    .with_context(|| format!("setting the mode of {}", dst.display()));
             }
         }
         set_mtime(&c, meta.mtime);
         Ok(())
     }
+}
+
+/// A file stored in the PAX sparse format 1.0 (GNU tar `--format=posix -S`):
+/// its real name and size are in PAX keys, and its data starts with a map of
+/// the regions that hold data.
+struct SparseV1 {
+    name: PathBuf,
+    real_size: u64,
+}
+
+fn pax_sparse_v1(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<Option<SparseV1>> {
+    let Ok(Some(pax)) = entry.pax_extensions() else {
+        return Ok(None);
+    };
+    let (mut major, mut name, mut size) = (None, None, None);
+    for ext in pax.flatten() {
+        match ext.key() {
+            Ok("GNU.sparse.major") => major = ext.value().ok().map(str::to_string),
+            Ok("GNU.sparse.name") => {
+                name = Some(PathBuf::from(std::ffi::OsStr::from_bytes(
+                    ext.value_bytes(),
+                )))
+            }
+            Ok("GNU.sparse.realsize") => {
+                size = ext.value().ok().and_then(|v| v.parse::<u64>().ok())
+            }
+            _ => {}
+        }
+    }
+    match (major.as_deref(), name, size) {
+        (Some("1"), Some(name), Some(real_size)) => Ok(Some(SparseV1 { name, real_size })),
+        (Some(v), _, _) => Err(fail(
+            Kind::Integrity,
+            "CorruptData",
+            format!("unsupported or incomplete PAX sparse entry (format {v})"),
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Copies a PAX 1.0 sparse file: a decimal map (count, then offset/size
+/// pairs, one number per line, padded to 512 bytes), then the data regions.
+fn copy_sparse_v1(
+    reader: &mut dyn Read,
+    writer: &mut VolumeWriter,
+    real_size: u64,
+) -> io::Result<u64> {
+    let mut consumed = 0u64;
+    let mut number = || -> io::Result<u64> {
+        let mut digits = String::new();
+        let mut byte = [0u8; 1];
+        loop {
+            reader.read_exact(&mut byte)?;
+            consumed += 1;
+            match byte[0] {
+                b'\n' => break,
+                b @ b'0'..=b'9' if digits.len() < 20 => digits.push(b as char),
+                _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad sparse map")),
+            }
+        }
+        digits
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad sparse map"))
+    };
+    let count = number()?;
+    let mut regions = Vec::new();
+    for _ in 0..count.min(1 << 20) {
+        regions.push((number()?, number()?));
+    }
+    drop(number);
+    let padding = (512 - consumed % 512) % 512;
+    io::copy(&mut reader.take(padding), &mut io::sink())?;
+    let mut data = 0;
+    for (offset, size) in regions {
+        if offset.checked_add(size).is_none_or(|end| end > real_size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "sparse region past the file's end",
+            ));
+        }
+        writer.skip_to(offset)?;
+        let n = crate::pipeline::copy(&mut reader.take(size), writer)?;
+        if n != size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "sparse data ends early",
+            ));
+        }
+        data += n;
+    }
+    writer.skip_to(real_size)?;
+    Ok(data)
 }
 
 /// The archive path as a clean relative path, or a hostile-archive error.
@@ -322,10 +480,16 @@ pub fn safe_relative(path: &Path) -> Result<PathBuf> {
             Component::Normal(p) => out.push(p),
             Component::CurDir => {}
             Component::ParentDir => {
-                return Err(hostile(format!("entry {} climbs out of the target with '..'", path.display())))
+                return Err(hostile(format!(
+                    "entry {} climbs out of the target with '..'",
+                    path.display()
+                )))
             }
             Component::RootDir | Component::Prefix(_) => {
-                return Err(hostile(format!("entry {} has an absolute path", path.display())))
+                return Err(hostile(format!(
+                    "entry {} has an absolute path",
+                    path.display()
+                )))
             }
         }
     }
@@ -358,32 +522,67 @@ fn parse_pax_time(value: &str) -> Option<(i64, i64)> {
     let (secs, frac) = value.split_once('.').unwrap_or((value, ""));
     let secs: i64 = secs.parse().ok()?;
     let digits: String = frac.chars().take(9).collect();
-    let nanos = if digits.is_empty() { 0 } else { format!("{digits:0<9}").parse().ok()? };
+    let nanos = if digits.is_empty() {
+        0
+    } else {
+        format!("{digits:0<9}").parse().ok()?
+    };
     Some((secs, if secs < 0 && nanos > 0 { -nanos } else { nanos }))
 }
 
 fn apply_xattrs(entry: &mut tar::Entry<'_, &mut dyn Read>, dst: &Path) {
-    let Ok(Some(pax)) = entry.pax_extensions() else { return };
+    let Ok(Some(pax)) = entry.pax_extensions() else {
+        return;
+    };
     for ext in pax.flatten() {
         let Ok(key) = ext.key() else { continue };
-        let Some(name) = key.strip_prefix("SCHILY.xattr.") else { continue };
-        let (Ok(c_path), Ok(c_name)) = (cstr(dst), CString::new(name)) else { continue };
+        let Some(name) = key.strip_prefix("SCHILY.xattr.") else {
+            continue;
+        };
+        let (Ok(c_path), Ok(c_name)) = (cstr(dst), CString::new(name)) else {
+            continue;
+        };
         let value = ext.value_bytes();
         // SAFETY: valid C strings and a valid buffer of the given length.
-        let rc = unsafe { libc::lsetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+        let rc = unsafe {
+            libc::lsetxattr(
+                c_path.as_ptr(),
+                c_name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
         if rc != 0 {
-            crate::log::warn(format!("cannot set xattr {name} on {}: {}", dst.display(), io::Error::last_os_error()));
+            crate::log::warn(format!(
+                "cannot set xattr {name} on {}: {}",
+                dst.display(),
+                io::Error::last_os_error()
+            ));
         }
     }
 }
 
 fn set_mtime(path: &CString, (secs, nanos): (i64, i64)) {
     let times = [
-        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-        libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: nanos as _ },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: secs as libc::time_t,
+            tv_nsec: nanos as _,
+        },
     ];
     // SAFETY: valid C string and a two-element timespec array.
-    unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
 }
 
 fn cstr(path: &Path) -> Result<CString> {
@@ -401,7 +600,13 @@ pub fn apply_dir_metadata(root: &Path, dirs: &[DirMeta], options: &ExtractOption
         let c = cstr(&path)?;
         if extractor_options.preserve_owner && is_root() {
             // SAFETY: valid C string.
-            unsafe { libc::lchown(c.as_ptr(), d.meta.uid as libc::uid_t, d.meta.gid as libc::gid_t) };
+            unsafe {
+                libc::lchown(
+                    c.as_ptr(),
+                    d.meta.uid as libc::uid_t,
+                    d.meta.gid as libc::gid_t,
+                )
+            };
         }
         let mut mode = d.meta.mode & 0o7777;
         if !extractor_options.preserve_setuid {
@@ -428,7 +633,8 @@ pub fn move_into_place(staging: &Path, root: &Path) -> Result<()> {
                 fs::remove_file(&dst)?;
             }
         }
-        fs::rename(item.path(), &dst).with_context(|| format!("moving {} into place", dst.display()))?;
+        fs::rename(item.path(), &dst)
+            .with_context(|| format!("moving {} into place", dst.display()))?;
     }
     fs::remove_dir(staging).with_context(|| format!("removing {}", staging.display()))?;
     File::open(root)?.sync_all()?;
@@ -441,14 +647,20 @@ mod tests {
 
     #[test]
     fn relative_paths() {
-        assert_eq!(safe_relative(Path::new("./a/./b")).unwrap(), PathBuf::from("a/b"));
+        assert_eq!(
+            safe_relative(Path::new("./a/./b")).unwrap(),
+            PathBuf::from("a/b")
+        );
         assert!(safe_relative(Path::new("a/../../b")).is_err());
         assert!(safe_relative(Path::new("/etc/passwd")).is_err());
     }
 
     #[test]
     fn pax_times() {
-        assert_eq!(parse_pax_time("1700000000.25"), Some((1700000000, 250_000_000)));
+        assert_eq!(
+            parse_pax_time("1700000000.25"),
+            Some((1700000000, 250_000_000))
+        );
         assert_eq!(parse_pax_time("12"), Some((12, 0)));
         assert_eq!(parse_pax_time("x"), None);
     }

@@ -105,13 +105,20 @@ struct FileSink {
 impl FileSink {
     fn open(target: &Target, file_name: &str, ctx: &Context) -> Result<FileSink> {
         let (final_path, write_path) = match target.kind {
-            TargetKind::Filesystem => (target.path.join(file_name), target.path.join(format!(".{file_name}.populator-partial"))),
+            TargetKind::Filesystem => (
+                target.path.join(file_name),
+                target.path.join(format!(".{file_name}.populator-partial")),
+            ),
             _ => (target.path.clone(), target.path.clone()),
         };
         let existed = write_path.exists();
         let file = match target.kind {
             TargetKind::Block => OpenOptions::new().write(true).open(&write_path),
-            _ => OpenOptions::new().write(true).create(true).truncate(true).open(&write_path),
+            _ => OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&write_path),
         }
         .with_context(|| format!("opening {} for writing", write_path.display()))?;
         Ok(FileSink {
@@ -133,18 +140,26 @@ impl Sink for FileSink {
         if let (Compression::None, Some(size)) = (info.compression, info.declared_size) {
             self.target.check_fits(size, "the source")?;
         }
-        let mode = if self.kind == TargetKind::Block { ZeroMode::ZeroOut } else { ZeroMode::Holes };
+        let mode = if self.kind == TargetKind::Block {
+            ZeroMode::ZeroOut
+        } else {
+            ZeroMode::Holes
+        };
         let file = self.file.take().expect("write_stream runs once");
-        let writer = self
-            .writer
-            .insert(VolumeWriter::new(file, mode, self.target.capacity, self.capacity_what.clone()).with_progress(self.progress.clone()));
-        crate::pipeline::copy(reader, writer).with_context(|| format!("writing {}", self.write_path.display()))?;
+        let writer = self.writer.insert(
+            VolumeWriter::new(file, mode, self.target.capacity, self.capacity_what.clone())
+                .with_progress(self.progress.clone()),
+        );
+        crate::pipeline::copy(reader, writer)
+            .with_context(|| format!("writing {}", self.write_path.display()))?;
         Ok(())
     }
 
     fn commit(&mut self) -> Result<()> {
         let writer = self.writer.take().expect("commit after write_stream");
-        writer.finish(true).with_context(|| format!("flushing {}", self.write_path.display()))?;
+        writer
+            .finish(true)
+            .with_context(|| format!("flushing {}", self.write_path.display()))?;
         if self.write_path != self.final_path {
             fs::rename(&self.write_path, &self.final_path)
                 .with_context(|| format!("moving {} into place", self.final_path.display()))?;
@@ -187,7 +202,9 @@ impl ArchiveSink {
         let mut options = spec.extract.clone();
         options.capacity = options.capacity.or(target.capacity);
         if options.max_entries.is_none() {
-            options.max_entries = crate::target::free_inodes(&target.path).ok().filter(|&n| n > 0);
+            options.max_entries = crate::target::free_inodes(&target.path)
+                .ok()
+                .filter(|&n| n > 0);
         }
         Ok(ArchiveSink {
             root: target.path.clone(),
@@ -211,7 +228,13 @@ fn remove_tree(path: &Path) -> Result<()> {
 
 impl Sink for ArchiveSink {
     fn write_stream(&mut self, reader: &mut dyn Read, _info: &StreamInfo) -> Result<()> {
-        self.summary = Some(archive::extract(reader, &self.staging, &self.options, &self.ctx_progress, &self.cancel)?);
+        self.summary = Some(archive::extract(
+            reader,
+            &self.staging,
+            &self.options,
+            &self.ctx_progress,
+            &self.cancel,
+        )?);
         Ok(())
     }
 

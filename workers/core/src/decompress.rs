@@ -34,7 +34,8 @@ impl Compression {
             Compression::Xz
         } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
             Compression::Zstd
-        } else if magic.len() >= 4 && magic.starts_with(b"BZh") && (b'1'..=b'9').contains(&magic[3]) {
+        } else if magic.len() >= 4 && magic.starts_with(b"BZh") && (b'1'..=b'9').contains(&magic[3])
+        {
             Compression::Bzip2
         } else {
             Compression::None
@@ -64,10 +65,19 @@ pub fn open<'a, R: Read + Send + 'a>(
     };
     let reader: Box<dyn Read + Send + 'a> = match compression {
         Compression::None => Box::new(buffered),
-        Compression::Gzip => Box::new(Decoded(flate2::bufread::MultiGzDecoder::new(buffered), "gzip")),
-        Compression::Xz => Box::new(Decoded(liblzma::bufread::XzDecoder::new_multi_decoder(buffered), "xz")),
+        Compression::Gzip => Box::new(Decoded(
+            flate2::bufread::MultiGzDecoder::new(buffered),
+            "gzip",
+        )),
+        Compression::Xz => Box::new(Decoded(
+            liblzma::bufread::XzDecoder::new_multi_decoder(buffered),
+            "xz",
+        )),
         Compression::Zstd => Box::new(Decoded(zstd_decoder(buffered)?, "zstd")),
-        Compression::Bzip2 => Box::new(Decoded(bzip2::bufread::MultiBzDecoder::new(buffered), "bzip2")),
+        Compression::Bzip2 => Box::new(Decoded(
+            bzip2::bufread::MultiBzDecoder::new(buffered),
+            "bzip2",
+        )),
     };
     Ok((compression, reader))
 }
@@ -93,7 +103,11 @@ impl<D: Read> Read for Decoded<D> {
             if e.get_ref().is_some_and(|inner| inner.is::<WorkerError>()) {
                 e
             } else {
-                into_io(Kind::Integrity, "CorruptData", format!("the {} data is corrupt or truncated: {e}", self.1))
+                into_io(
+                    Kind::Integrity,
+                    "CorruptData",
+                    format!("the {} data is corrupt or truncated: {e}", self.1),
+                )
             }
         })
     }
@@ -136,13 +150,21 @@ mod tests {
     }
 
     fn sample() -> Vec<u8> {
-        (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+        (0..300_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
     }
 
     #[test]
     fn round_trips_every_format() {
         let data = sample();
-        for kind in [Compression::None, Compression::Gzip, Compression::Xz, Compression::Zstd, Compression::Bzip2] {
+        for kind in [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Xz,
+            Compression::Zstd,
+            Compression::Bzip2,
+        ] {
             let packed = compressed(kind, &data);
             let (found, mut r) = open(&packed[..], DecompressMode::Auto).unwrap();
             assert_eq!(found, kind);
@@ -155,11 +177,21 @@ mod tests {
     #[test]
     fn truncation_is_corrupt_data() {
         let data = sample();
-        for kind in [Compression::Gzip, Compression::Xz, Compression::Zstd, Compression::Bzip2] {
+        for kind in [
+            Compression::Gzip,
+            Compression::Xz,
+            Compression::Zstd,
+            Compression::Bzip2,
+        ] {
             let c = compressed(kind, &data);
             let (_, mut r) = open(&c[..c.len() / 2], DecompressMode::Auto).unwrap();
-            let err = r.read_to_end(&mut Vec::new()).expect_err(&format!("{kind:?} truncation not detected"));
-            let we = err.get_ref().and_then(|e| e.downcast_ref::<WorkerError>()).expect("tagged");
+            let err = r
+                .read_to_end(&mut Vec::new())
+                .expect_err(&format!("{kind:?} truncation not detected"));
+            let we = err
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<WorkerError>())
+                .expect("tagged");
             assert_eq!(we.kind, Kind::Integrity, "{kind:?}");
         }
     }

@@ -55,7 +55,11 @@ impl FromStr for Checksum {
             "sha1" => Algorithm::Sha1,
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
-            other => return Err(format!("unknown checksum algorithm '{other}' (use md5, sha1, sha256 or sha512)")),
+            other => {
+                return Err(format!(
+                    "unknown checksum algorithm '{other}' (use md5, sha1, sha256 or sha512)"
+                ))
+            }
         };
         let hex = hex.trim().to_ascii_lowercase();
         if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -123,7 +127,10 @@ impl MultiDigest {
         algorithms.sort();
         algorithms.dedup();
         Self {
-            hashers: algorithms.into_iter().map(|a| (a, Hasher::new(a))).collect(),
+            hashers: algorithms
+                .into_iter()
+                .map(|a| (a, Hasher::new(a)))
+                .collect(),
         }
     }
 
@@ -152,7 +159,13 @@ impl Digests {
     pub fn mismatch(&self, expected: &[Checksum]) -> Option<String> {
         expected.iter().find_map(|c| {
             let got = self.0.get(c.algorithm.name())?;
-            (got != &c.hex).then(|| format!("{} checksum mismatch: expected {}, got {got}", c.algorithm.name(), c.hex))
+            (got != &c.hex).then(|| {
+                format!(
+                    "{} checksum mismatch: expected {}, got {got}",
+                    c.algorithm.name(),
+                    c.hex
+                )
+            })
         })
     }
 }
@@ -163,21 +176,35 @@ mod tests {
 
     #[test]
     fn parses_and_verifies() {
-        let c: Checksum = "SHA256:2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824".parse().unwrap();
-        let mut d = MultiDigest::new(&[c.clone(), "md5:5d41402abc4b2a76b9719d911017c592".parse().unwrap()]);
+        let c: Checksum = "SHA256:2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824"
+            .parse()
+            .unwrap();
+        let mut d = MultiDigest::new(&[
+            c.clone(),
+            "md5:5d41402abc4b2a76b9719d911017c592".parse().unwrap(),
+        ]);
         d.update(b"hel");
         d.update(b"lo");
         let out = d.finish();
         assert_eq!(out.0.len(), 2);
         assert_eq!(out.mismatch(&[c]), None);
         let wrong: Checksum = "md5:00000000000000000000000000000000".parse().unwrap();
-        assert!(out.mismatch(&[wrong]).unwrap().contains("md5 checksum mismatch"));
+        assert!(out
+            .mismatch(&[wrong])
+            .unwrap()
+            .contains("md5 checksum mismatch"));
     }
 
     #[test]
     fn rejects_bad_specs() {
         assert!("sha256".parse::<Checksum>().is_err());
-        assert!("crc32:abcd".parse::<Checksum>().unwrap_err().contains("unknown checksum algorithm"));
-        assert!("sha1:abc".parse::<Checksum>().unwrap_err().contains("40 hex digits"));
+        assert!("crc32:abcd"
+            .parse::<Checksum>()
+            .unwrap_err()
+            .contains("unknown checksum algorithm"));
+        assert!("sha1:abc"
+            .parse::<Checksum>()
+            .unwrap_err()
+            .contains("40 hex digits"));
     }
 }

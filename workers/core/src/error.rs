@@ -109,6 +109,13 @@ pub fn classify(err: &anyhow::Error) -> Classified {
                     message,
                 };
             }
+            if io.kind() == io::ErrorKind::PermissionDenied {
+                return Classified {
+                    kind: Kind::Usage,
+                    reason: "PermissionDenied".into(),
+                    message: format!("{message} (the worker runs as uid {}: make the volume writable for it, e.g. with fsGroup)", current_uid()),
+                };
+            }
             if is_no_space(io) {
                 return Classified {
                     kind: Kind::Capacity,
@@ -123,6 +130,11 @@ pub fn classify(err: &anyhow::Error) -> Classified {
         reason: Kind::Internal.default_reason().into(),
         message,
     }
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
 }
 
 /// ENOSPC and EDQUOT both mean "the volume is full" to a user.

@@ -82,7 +82,14 @@ impl HttpSource {
             ));
         }
         let client = build_client(&options)?;
-        Ok(HttpSource { client, url, public_headers, secret_headers, options, cancel })
+        Ok(HttpSource {
+            client,
+            url,
+            public_headers,
+            secret_headers,
+            options,
+            cancel,
+        })
     }
 
     /// The URL as it may be shown: no query string (it may hold a signature).
@@ -92,7 +99,11 @@ impl HttpSource {
 
     /// A GET that follows redirects and retries transient failures; returns a
     /// response with a 2xx status or the classified error.
-    pub async fn get(&self, range: Option<ByteRange>, validator: Option<&str>) -> Result<reqwest::Response> {
+    pub async fn get(
+        &self,
+        range: Option<ByteRange>,
+        validator: Option<&str>,
+    ) -> Result<reqwest::Response> {
         let mut attempt = 0;
         loop {
             let failure = match self.get_once(range, validator).await {
@@ -101,20 +112,30 @@ impl HttpSource {
                     Retry::No(e) => return Err(e),
                     Retry::Yes(e) => e,
                 },
-                Err(e) if is_tls_error(&e) => {
-                    return Err(fail(
-                        Kind::Auth,
-                        "TlsVerificationFailed",
-                        format!(
-                            "TLS verification of {} failed (pass the server's CA with --ca-file): {}",
-                            self.display_url(),
-                            tls_cause(&e)
-                        ),
-                    ))
-                }
+                Err(e) if is_tls_error(&e) => return Err(fail(
+                    Kind::Auth,
+                    "TlsVerificationFailed",
+                    format!(
+                        "TLS verification of {} failed (pass the server's CA with --ca-file): {}",
+                        self.display_url(),
+                        tls_cause(&e)
+                    ),
+                )),
                 Err(e) => {
-                    let what = if e.is_timeout() { "timed out" } else { "failed" };
-                    fail(Kind::Transient, "Unreachable", format!("request to {} {what}: {}", self.display_url(), root_cause(&e)))
+                    let what = if e.is_timeout() {
+                        "timed out"
+                    } else {
+                        "failed"
+                    };
+                    fail(
+                        Kind::Transient,
+                        "Unreachable",
+                        format!(
+                            "request to {} {what}: {}",
+                            self.display_url(),
+                            root_cause(&e)
+                        ),
+                    )
                 }
             };
             if attempt >= self.options.retries {
@@ -122,7 +143,10 @@ impl HttpSource {
                 return Err(failure.context(format!("giving up after {retries} retries")));
             }
             let delay = backoff(self.options.retry_backoff, attempt);
-            crate::log::warn(format!("{failure:#}; retrying in {:.1}s", delay.as_secs_f64()));
+            crate::log::warn(format!(
+                "{failure:#}; retrying in {:.1}s",
+                delay.as_secs_f64()
+            ));
             self.sleep(delay).await?;
             attempt += 1;
         }
@@ -135,11 +159,18 @@ impl HttpSource {
         }
     }
 
-    async fn get_once(&self, range: Option<ByteRange>, validator: Option<&str>) -> reqwest::Result<reqwest::Response> {
+    async fn get_once(
+        &self,
+        range: Option<ByteRange>,
+        validator: Option<&str>,
+    ) -> reqwest::Result<reqwest::Response> {
         let origin = self.url.origin();
         let mut url = self.url.clone();
         for _ in 0..10 {
-            let mut req = self.client.get(url.clone()).headers(self.public_headers.clone());
+            let mut req = self
+                .client
+                .get(url.clone())
+                .headers(self.public_headers.clone());
             if url.origin() == origin {
                 req = req.headers(self.secret_headers.clone());
             }
@@ -174,16 +205,27 @@ impl HttpSource {
     /// Streams the whole resource into the pipeline, resuming after drops.
     /// With `connections > 1` and a server that allows ranges, fetches pieces
     /// in parallel and delivers them in order.
-    pub async fn download(&self, sender: ChunkSender, connections: usize, progress: &crate::progress::Progress) -> Result<DownloadStats> {
+    pub async fn download(
+        &self,
+        sender: ChunkSender,
+        connections: usize,
+        progress: &crate::progress::Progress,
+    ) -> Result<DownloadStats> {
         let first = self.get(None, None).await?;
         let info = resource_info(&first);
         progress.set_total(info.size);
-        let mut stats = DownloadStats { info: info.clone(), connections: 1, ..Default::default() };
+        let mut stats = DownloadStats {
+            info: info.clone(),
+            connections: 1,
+            ..Default::default()
+        };
         match info.size {
             Some(size) if connections > 1 && info.ranges && size >= 2 * PIECE => {
                 drop(first);
                 stats.connections = connections;
-                stats.resumes = self.download_parallel(&sender, size, connections, info.validator.as_deref()).await?;
+                stats.resumes = self
+                    .download_parallel(&sender, size, connections, info.validator.as_deref())
+                    .await?;
             }
             _ => stats.resumes = self.download_sequential(&sender, first, &info).await?,
         }
@@ -191,41 +233,89 @@ impl HttpSource {
         Ok(stats)
     }
 
-    async fn download_sequential(&self, sender: &ChunkSender, mut resp: reqwest::Response, info: &ResourceInfo) -> Result<u32> {
+    async fn download_sequential(
+        &self,
+        sender: &ChunkSender,
+        mut resp: reqwest::Response,
+        info: &ResourceInfo,
+    ) -> Result<u32> {
         let mut offset = 0u64;
         let mut resumes = 0;
         let mut failures_without_progress = 0;
         loop {
             let before = offset;
-            let dropped = match self.stream_body(&mut resp, |chunk| {
-                offset += chunk.len() as u64;
-                sender.send(chunk)
-            })
-            .await
+            let dropped = match self
+                .stream_body(&mut resp, |chunk| {
+                    offset += chunk.len() as u64;
+                    sender.send(chunk)
+                })
+                .await
             {
-                Ok(()) if info.size.is_none_or(|s| offset >= s) => return Ok(resumes),
-                Ok(()) => format!("the connection closed after {offset} of {} bytes", info.size.unwrap_or(0)),
+                Ok(()) if info.size.is_some_and(|s| offset > s) => {
+                    return Err(fail(
+                        Kind::Integrity,
+                        "CorruptData",
+                        format!("{} sent more bytes than it declared", self.display_url()),
+                    ))
+                }
+                Ok(()) if info.size.is_none_or(|s| offset == s) => return Ok(resumes),
+                Ok(()) => format!(
+                    "the connection closed after {offset} of {} bytes",
+                    info.size.unwrap_or(0)
+                ),
                 Err(BodyError::Pipeline(e)) => return Err(e),
                 Err(BodyError::Network(e)) => e,
             };
             if !info.ranges {
-                return Err(restart(format!("{dropped}, and {} does not support ranges", self.display_url())));
+                return Err(restart(format!(
+                    "{dropped}, and {} does not support ranges",
+                    self.display_url()
+                )));
             }
-            failures_without_progress = if offset > before { 0 } else { failures_without_progress + 1 };
+            failures_without_progress = if offset > before {
+                0
+            } else {
+                failures_without_progress + 1
+            };
             if failures_without_progress > self.options.retries {
-                return Err(fail(Kind::Transient, "Unreachable", format!("{dropped}; no progress after {} retries", self.options.retries)));
+                return Err(fail(
+                    Kind::Transient,
+                    "Unreachable",
+                    format!(
+                        "{dropped}; no progress after {} retries",
+                        self.options.retries
+                    ),
+                ));
             }
             resumes += 1;
             crate::log::warn(format!("{dropped}; resuming at byte {offset}"));
             if failures_without_progress > 0 {
-                self.sleep(backoff(self.options.retry_backoff, failures_without_progress - 1)).await?;
+                self.sleep(backoff(
+                    self.options.retry_backoff,
+                    failures_without_progress - 1,
+                ))
+                .await?;
             }
-            resp = self.get(Some(ByteRange { start: offset, end: None }), info.validator.as_deref()).await?;
+            resp = self
+                .get(
+                    Some(ByteRange {
+                        start: offset,
+                        end: None,
+                    }),
+                    info.validator.as_deref(),
+                )
+                .await?;
             check_partial(&resp, offset, &self.display_url())?;
         }
     }
 
-    async fn download_parallel(&self, sender: &ChunkSender, size: u64, connections: usize, validator: Option<&str>) -> Result<u32> {
+    async fn download_parallel(
+        &self,
+        sender: &ChunkSender,
+        size: u64,
+        connections: usize,
+        validator: Option<&str>,
+    ) -> Result<u32> {
         let pieces = size.div_ceil(PIECE);
         let next = AtomicU64::new(0);
         let resumes = AtomicU32::new(0);
@@ -238,12 +328,17 @@ impl HttpSource {
             let (window, next, resumes) = (window.clone(), &next, &resumes);
             async move {
                 loop {
-                    let Ok(permit) = window.clone().acquire_owned().await else { return };
+                    let Ok(permit) = window.clone().acquire_owned().await else {
+                        return;
+                    };
                     let index = next.fetch_add(1, Ordering::SeqCst);
                     if index >= pieces {
                         return;
                     }
-                    let range = ByteRange { start: index * PIECE, end: Some(((index + 1) * PIECE).min(size)) };
+                    let range = ByteRange {
+                        start: index * PIECE,
+                        end: Some(((index + 1) * PIECE).min(size)),
+                    };
                     let piece = self.fetch_piece(range, validator, resumes).await;
                     let failed = piece.is_err();
                     if done_tx.send((index, piece, permit)).await.is_err() || failed {
@@ -254,12 +349,18 @@ impl HttpSource {
         });
         let fetchers: Vec<_> = fetchers.collect();
         drop(done_tx);
-        let deliver = async {
+        // `deliver` owns the receiver: when it stops early (an error), the
+        // fetchers' sends fail and they stop too.
+        let deliver = async move {
             let mut waiting = BTreeMap::new();
             let mut expected = 0;
             while expected < pieces {
                 let Some((index, piece, permit)) = done_rx.recv().await else {
-                    return Err(fail(Kind::Internal, "InternalError", "the parallel download stopped early"));
+                    return Err(fail(
+                        Kind::Internal,
+                        "InternalError",
+                        "the parallel download stopped early",
+                    ));
                 };
                 waiting.insert(index, (piece?, permit));
                 while let Some((data, permit)) = waiting.remove(&expected) {
@@ -270,22 +371,33 @@ impl HttpSource {
             }
             Ok(())
         };
-        let fetch_all = futures_util::future::join_all(fetchers);
-        tokio::pin!(fetch_all);
-        tokio::select! {
-            r = deliver => r?,
-            _ = &mut fetch_all => {}
-        }
+        // Both run to their end: the fetchers finishing says nothing about
+        // whether every piece has been handed to the pipeline.
+        let (delivered, _) = tokio::join!(deliver, futures_util::future::join_all(fetchers));
+        delivered?;
         Ok(resumes.load(Ordering::SeqCst))
     }
 
-    async fn fetch_piece(&self, range: ByteRange, validator: Option<&str>, resumes: &AtomicU32) -> Result<Bytes> {
+    async fn fetch_piece(
+        &self,
+        range: ByteRange,
+        validator: Option<&str>,
+        resumes: &AtomicU32,
+    ) -> Result<Bytes> {
         let end = range.end.expect("pieces are bounded");
         let mut buf = BytesMut::with_capacity((end - range.start) as usize);
         let mut failures_without_progress = 0;
         loop {
             let start = range.start + buf.len() as u64;
-            let mut resp = self.get(Some(ByteRange { start, end: Some(end) }), validator).await?;
+            let mut resp = self
+                .get(
+                    Some(ByteRange {
+                        start,
+                        end: Some(end),
+                    }),
+                    validator,
+                )
+                .await?;
             check_partial(&resp, start, &self.display_url())?;
             let before = buf.len();
             let result = self
@@ -299,25 +411,51 @@ impl HttpSource {
                     buf.truncate((end - range.start) as usize);
                     return Ok(buf.freeze());
                 }
-                Ok(()) => format!("the connection closed inside bytes {}-{}", range.start, end - 1),
+                Ok(()) => format!(
+                    "the connection closed inside bytes {}-{}",
+                    range.start,
+                    end - 1
+                ),
                 Err(BodyError::Pipeline(e)) => return Err(e),
                 Err(BodyError::Network(e)) => e,
             };
-            failures_without_progress = if buf.len() > before { 0 } else { failures_without_progress + 1 };
+            failures_without_progress = if buf.len() > before {
+                0
+            } else {
+                failures_without_progress + 1
+            };
             if failures_without_progress > self.options.retries {
-                return Err(fail(Kind::Transient, "Unreachable", format!("{dropped}; no progress after {} retries", self.options.retries)));
+                return Err(fail(
+                    Kind::Transient,
+                    "Unreachable",
+                    format!(
+                        "{dropped}; no progress after {} retries",
+                        self.options.retries
+                    ),
+                ));
             }
             resumes.fetch_add(1, Ordering::SeqCst);
-            crate::log::warn(format!("{dropped}; resuming at byte {}", range.start + buf.len() as u64));
+            crate::log::warn(format!(
+                "{dropped}; resuming at byte {}",
+                range.start + buf.len() as u64
+            ));
             if failures_without_progress > 0 {
-                self.sleep(backoff(self.options.retry_backoff, failures_without_progress - 1)).await?;
+                self.sleep(backoff(
+                    self.options.retry_backoff,
+                    failures_without_progress - 1,
+                ))
+                .await?;
             }
         }
     }
 
     /// Feeds the body to `each` until it ends; a network failure is returned
     /// as text (the caller resumes), a pipeline failure as an error.
-    async fn stream_body<F, Fut>(&self, resp: &mut reqwest::Response, mut each: F) -> Result<(), BodyError>
+    async fn stream_body<F, Fut>(
+        &self,
+        resp: &mut reqwest::Response,
+        mut each: F,
+    ) -> Result<(), BodyError>
     where
         F: FnMut(Bytes) -> Fut,
         Fut: std::future::Future<Output = Result<()>>,
@@ -332,7 +470,13 @@ impl HttpSource {
             match next {
                 None => return Ok(()),
                 Some(Ok(chunk)) => each(chunk).await.map_err(BodyError::Pipeline)?,
-                Some(Err(e)) => return Err(BodyError::Network(format!("the download from {} broke: {}", self.display_url(), root_cause(&e)))),
+                Some(Err(e)) => {
+                    return Err(BodyError::Network(format!(
+                        "the download from {} broke: {}",
+                        self.display_url(),
+                        root_cause(&e)
+                    )))
+                }
             }
         }
     }
@@ -363,13 +507,25 @@ fn build_client(options: &HttpOptions) -> Result<reqwest::Client> {
         .user_agent(concat!("populator-workers/", env!("CARGO_PKG_VERSION")));
     if let Some(ca) = &options.ca_file {
         let pem = std::fs::read(ca).map_err(|e| {
-            fail(Kind::Usage, "InvalidConfiguration", format!("cannot read the CA file {}: {e}", ca.display()))
+            fail(
+                Kind::Usage,
+                "InvalidConfiguration",
+                format!("cannot read the CA file {}: {e}", ca.display()),
+            )
         })?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            fail(Kind::Usage, "InvalidConfiguration", format!("the CA file {} holds no PEM certificate: {e}", ca.display()))
+            fail(
+                Kind::Usage,
+                "InvalidConfiguration",
+                format!("the CA file {} holds no PEM certificate: {e}", ca.display()),
+            )
         })?;
         if certs.is_empty() {
-            return Err(fail(Kind::Usage, "InvalidConfiguration", format!("the CA file {} holds no PEM certificate", ca.display())));
+            return Err(fail(
+                Kind::Usage,
+                "InvalidConfiguration",
+                format!("the CA file {} holds no PEM certificate", ca.display()),
+            ));
         }
         for cert in certs {
             builder = builder.add_root_certificate(cert);
@@ -381,7 +537,13 @@ fn build_client(options: &HttpOptions) -> Result<reqwest::Client> {
     }
     if let Some(proxy) = &options.proxy {
         let p = reqwest::Proxy::all(proxy)
-            .map_err(|e| fail(Kind::Usage, "InvalidConfiguration", format!("invalid --proxy {proxy}: {e}")))?
+            .map_err(|e| {
+                fail(
+                    Kind::Usage,
+                    "InvalidConfiguration",
+                    format!("invalid --proxy {proxy}: {e}"),
+                )
+            })?
             .no_proxy(reqwest::NoProxy::from_env());
         builder = builder.proxy(p);
     }
@@ -396,18 +558,39 @@ enum Retry {
 fn classify_status(status: StatusCode, url: &str) -> Retry {
     let msg = format!("{url} answered {status}");
     match status.as_u16() {
-        401 => Retry::No(fail(Kind::Auth, "Unauthorized", format!("{msg}: check the credentials"))),
-        403 => Retry::No(fail(Kind::Auth, "Forbidden", format!("{msg}: the credentials are not allowed to read it"))),
-        404 | 410 => Retry::No(fail(Kind::Usage, "NotFound", format!("{msg}: check the URL"))),
+        401 => Retry::No(fail(
+            Kind::Auth,
+            "Unauthorized",
+            format!("{msg}: check the credentials"),
+        )),
+        403 => Retry::No(fail(
+            Kind::Auth,
+            "Forbidden",
+            format!("{msg}: the credentials are not allowed to read it"),
+        )),
+        404 | 410 => Retry::No(fail(
+            Kind::Usage,
+            "NotFound",
+            format!("{msg}: check the URL"),
+        )),
         408 | 429 | 500..=599 => Retry::Yes(fail(Kind::Transient, "ServerError", msg)),
-        300..=399 => Retry::No(fail(Kind::Usage, "TooManyRedirects", format!("{msg} after 10 redirects"))),
+        300..=399 => Retry::No(fail(
+            Kind::Usage,
+            "BadRedirect",
+            format!("{msg}: a redirect without a usable Location, or more than 10 in a row"),
+        )),
         _ => Retry::No(fail(Kind::Usage, "HttpError", msg)),
     }
 }
 
 fn resource_info(resp: &reqwest::Response) -> ResourceInfo {
     let headers = resp.headers();
-    let get = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let get = |name: HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let encoded = get(reqwest::header::CONTENT_ENCODING).is_some_and(|e| e != "identity");
     let etag = get(reqwest::header::ETAG).filter(|e| !e.starts_with("W/"));
     let validator = etag.or_else(|| get(reqwest::header::LAST_MODIFIED));
@@ -422,7 +605,9 @@ fn resource_info(resp: &reqwest::Response) -> ResourceInfo {
 /// the resource changed (If-Range failed) or ranges stopped working.
 fn check_partial(resp: &reqwest::Response, offset: u64, url: &str) -> Result<()> {
     if resp.status() != StatusCode::PARTIAL_CONTENT {
-        return Err(restart(format!("{url} changed since the download started (or stopped honouring ranges)")));
+        return Err(restart(format!(
+            "{url} changed since the download started (or stopped honouring ranges)"
+        )));
     }
     let start = resp
         .headers()
@@ -432,23 +617,32 @@ fn check_partial(resp: &reqwest::Response, offset: u64, url: &str) -> Result<()>
         .and_then(|v| v.split('-').next())
         .and_then(|v| v.parse::<u64>().ok());
     if start != Some(offset) {
-        return Err(restart(format!("{url} answered a range that does not start at byte {offset}")));
+        return Err(restart(format!(
+            "{url} answered a range that does not start at byte {offset}"
+        )));
     }
     Ok(())
 }
 
 fn backoff(initial: Duration, attempt: u32) -> Duration {
-    initial.saturating_mul(1 << attempt.min(16)).min(Duration::from_secs(30))
+    initial
+        .saturating_mul(1 << attempt.min(16))
+        .min(Duration::from_secs(30))
 }
 
 /// Walks an error's causes, looking inside `io::Error`s too (their `source()`
 /// skips the error they wrap).
-fn causes<'a>(e: &'a (dyn std::error::Error + 'static)) -> Vec<&'a (dyn std::error::Error + 'static)> {
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Vec<&'a (dyn std::error::Error + 'static)> {
     let mut out = Vec::new();
     let mut next = Some(e);
     while let Some(cur) = next {
         out.push(cur);
-        next = match cur.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        next = match cur
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
             Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
             None => cur.source(),
         };
@@ -461,7 +655,11 @@ fn is_tls_error(e: &reqwest::Error) -> bool {
 }
 
 fn tls_cause(e: &reqwest::Error) -> String {
-    causes(e).iter().find(|c| c.is::<rustls::Error>()).map(|c| c.to_string()).unwrap_or_else(|| e.to_string())
+    causes(e)
+        .iter()
+        .find(|c| c.is::<rustls::Error>())
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| e.to_string())
 }
 
 fn root_cause(e: &reqwest::Error) -> String {
@@ -493,8 +691,16 @@ pub fn redact(url: &Url) -> String {
 pub fn parse_header(line: &str, secret: bool) -> Result<(HeaderName, HeaderValue)> {
     let bad = |why: &str| {
         // A malformed secret line may be all value: never echo any of it.
-        let shown = if secret { "a line of the header file".to_string() } else { format!("'{line}'") };
-        fail(Kind::Usage, "InvalidConfiguration", format!("invalid header {shown}: {why} (expected 'Name: value')"))
+        let shown = if secret {
+            "a line of the header file".to_string()
+        } else {
+            format!("'{line}'")
+        };
+        fail(
+            Kind::Usage,
+            "InvalidConfiguration",
+            format!("invalid header {shown}: {why} (expected 'Name: value')"),
+        )
     };
     let (name, value) = line.split_once(':').ok_or_else(|| bad("no ':'"))?;
     let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad("bad name"))?;

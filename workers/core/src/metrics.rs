@@ -43,11 +43,24 @@ impl prometheus_client::collector::Collector for ProgressCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let labels = [("ownerUID", self.owner_uid.as_str())];
         let percent = ConstGauge::new(self.progress.percent().unwrap_or(0.0));
-        let mut family = encoder.encode_descriptor(&self.progress_name, "Progress of the population in percent (0-100).", None, percent.metric_type())?;
+        let mut family = encoder.encode_descriptor(
+            &self.progress_name,
+            "Progress of the population in percent (0-100).",
+            None,
+            percent.metric_type(),
+        )?;
         percent.encode(family.encode_family(&labels)?)?;
         for (name, help, value) in [
-            ("populator_bytes_read", "Bytes read from the source.", self.progress.bytes_read()),
-            ("populator_bytes_written", "Bytes written to the target.", self.progress.bytes_written()),
+            (
+                "populator_bytes_read",
+                "Bytes read from the source.",
+                self.progress.bytes_read(),
+            ),
+            (
+                "populator_bytes_written",
+                "Bytes written to the target.",
+                self.progress.bytes_written(),
+            ),
         ] {
             let counter = ConstCounter::new(value);
             let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
@@ -67,7 +80,11 @@ impl MetricsServer {
     /// Binds now (a busy address is a usage error) and serves on its own thread.
     pub fn start(options: MetricsOptions, progress: Arc<Progress>) -> Result<MetricsServer> {
         let listener = std::net::TcpListener::bind(options.addr).map_err(|e| {
-            fail(Kind::Usage, "InvalidConfiguration", format!("cannot serve metrics on {}: {e}", options.addr))
+            fail(
+                Kind::Usage,
+                "InvalidConfiguration",
+                format!("cannot serve metrics on {}: {e}", options.addr),
+            )
         })?;
         listener.set_nonblocking(true)?;
         let tls = if options.insecure_http {
@@ -93,11 +110,20 @@ impl MetricsServer {
         }));
         let registry = Arc::new(registry);
         let (shutdown, watch) = tokio::sync::watch::channel(false);
-        let thread = std::thread::Builder::new().name("metrics".into()).spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-            runtime.block_on(serve(listener, tls, registry, watch));
-        })?;
-        Ok(MetricsServer { shutdown, thread: Some(thread), linger: options.linger })
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                runtime.block_on(serve(listener, tls, registry, watch));
+            })?;
+        Ok(MetricsServer {
+            shutdown,
+            thread: Some(thread),
+            linger: options.linger,
+        })
     }
 
     /// Keeps serving for the linger time so the final value is scraped, then stops.
@@ -116,7 +142,9 @@ async fn serve(
     registry: Arc<Registry>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -133,13 +161,20 @@ async fn serve(
             let http = hyper::server::conn::http1::Builder::new();
             match tls {
                 Some(acceptor) => {
-                    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await else {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await
+                    else {
                         return;
                     };
-                    let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                    let _ = http
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
                 }
                 None => {
-                    let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                    let _ = http
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
                 }
             }
         });
@@ -148,14 +183,23 @@ async fn serve(
 
 fn respond<B>(req: &hyper::Request<B>, registry: &Registry) -> hyper::Response<Full<Bytes>> {
     if req.uri().path() != "/metrics" {
-        return hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n"))).expect("a valid response");
+        return hyper::Response::builder()
+            .status(404)
+            .body(Full::new(Bytes::from_static(b"not found\n")))
+            .expect("a valid response");
     }
     let mut body = String::new();
     if prometheus_client::encoding::text::encode(&mut body, registry).is_err() {
-        return hyper::Response::builder().status(500).body(Full::new(Bytes::new())).expect("a valid response");
+        return hyper::Response::builder()
+            .status(500)
+            .body(Full::new(Bytes::new()))
+            .expect("a valid response");
     }
     hyper::Response::builder()
-        .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .header(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
         .body(Full::new(Bytes::from(body)))
         .expect("a valid response")
 }
@@ -178,7 +222,13 @@ mod tests {
         }));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
-        assert!(out.contains("kubevirt_cdi_import_progress_total{ownerUID=\"abc-123\"} 25.0\n"), "{out}");
-        assert!(out.contains("populator_bytes_read_total{ownerUID=\"abc-123\"} 7\n"), "{out}");
+        assert!(
+            out.contains("kubevirt_cdi_import_progress_total{ownerUID=\"abc-123\"} 25.0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("populator_bytes_read_total{ownerUID=\"abc-123\"} 7\n"),
+            "{out}"
+        );
     }
 }

@@ -16,11 +16,21 @@ use crate::progress::ProgressMode;
 pub struct CommonArgs {
     /// The volume: a directory (filesystem volume), a block device, or an image
     /// file. Default: /dev/block when it is a block device, else /mnt.
-    #[arg(long, visible_alias = "volume-path", env = "POPULATOR_TARGET", value_name = "PATH")]
+    #[arg(
+        long,
+        visible_alias = "volume-path",
+        env = "POPULATOR_TARGET",
+        value_name = "PATH"
+    )]
     pub target: Option<PathBuf>,
 
     /// The PVC's UID, used as the ownerUID label of the metrics.
-    #[arg(long, env = "POPULATOR_OWNER_UID", value_name = "UID", default_value = "")]
+    #[arg(
+        long,
+        env = "POPULATOR_OWNER_UID",
+        value_name = "UID",
+        default_value = ""
+    )]
     pub owner_uid: String,
 
     /// The requested volume size: an upper bound on what may be written
@@ -30,11 +40,22 @@ pub struct CommonArgs {
 
     /// How progress is shown: a bar on a terminal and log lines otherwise
     /// (auto), or always a bar, log lines, JSON lines, or nothing.
-    #[arg(long, env = "POPULATOR_PROGRESS", value_enum, default_value_t, value_name = "MODE")]
+    #[arg(
+        long,
+        env = "POPULATOR_PROGRESS",
+        value_enum,
+        default_value_t,
+        value_name = "MODE"
+    )]
     pub progress: ProgressMode,
 
     /// Seconds between progress log lines.
-    #[arg(long, env = "POPULATOR_PROGRESS_INTERVAL", default_value_t = 5.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "POPULATOR_PROGRESS_INTERVAL",
+        default_value_t = 5.0,
+        value_name = "SECONDS"
+    )]
     pub progress_interval: f64,
 
     /// Serve Prometheus metrics on HOST:PORT over HTTPS (off by default).
@@ -42,24 +63,44 @@ pub struct CommonArgs {
     pub metrics_addr: Option<SocketAddr>,
 
     /// PEM certificate for the metrics endpoint (default: self-signed).
-    #[arg(long, env = "POPULATOR_METRICS_CERT_FILE", value_name = "PATH", requires = "metrics_key_file")]
+    #[arg(
+        long,
+        env = "POPULATOR_METRICS_CERT_FILE",
+        value_name = "PATH",
+        requires = "metrics_key_file"
+    )]
     pub metrics_cert_file: Option<PathBuf>,
 
     /// PEM private key for the metrics endpoint.
-    #[arg(long, env = "POPULATOR_METRICS_KEY_FILE", value_name = "PATH", requires = "metrics_cert_file")]
+    #[arg(
+        long,
+        env = "POPULATOR_METRICS_KEY_FILE",
+        value_name = "PATH",
+        requires = "metrics_cert_file"
+    )]
     pub metrics_key_file: Option<PathBuf>,
 
     /// Serve metrics over plain HTTP instead of HTTPS.
-    #[arg(long, env = "POPULATOR_METRICS_INSECURE_HTTP")]
+    #[arg(long, env = "POPULATOR_METRICS_INSECURE_HTTP", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub metrics_insecure_http: bool,
 
     /// Name of the progress metric, e.g. kubevirt_cdi_import_progress_total
     /// for CDI's controller.
-    #[arg(long, env = "POPULATOR_METRICS_PROGRESS_NAME", default_value = "populator_progress", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "POPULATOR_METRICS_PROGRESS_NAME",
+        default_value = "populator_progress",
+        value_name = "NAME"
+    )]
     pub metrics_progress_name: String,
 
     /// Seconds the metrics endpoint keeps serving after the end.
-    #[arg(long, env = "POPULATOR_METRICS_LINGER", default_value_t = 5.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "POPULATOR_METRICS_LINGER",
+        default_value_t = 5.0,
+        value_name = "SECONDS"
+    )]
     pub metrics_linger: f64,
 
     /// Where the JSON result goes (default: /dev/termination-log when writable).
@@ -73,7 +114,13 @@ pub struct CommonArgs {
 #[command(next_help_heading = "Content")]
 pub struct ContentArgs {
     /// What the bytes are: a file, a tar archive to extract, or a disk image.
-    #[arg(long, env = "POPULATOR_CONTENT", value_enum, default_value_t, value_name = "KIND")]
+    #[arg(
+        long,
+        env = "POPULATOR_CONTENT",
+        value_enum,
+        default_value_t,
+        value_name = "KIND"
+    )]
     pub content: ContentMode,
 
     /// File name in a directory target (default: the source's own name).
@@ -81,25 +128,45 @@ pub struct ContentArgs {
     pub file_name: Option<String>,
 
     /// Decompress gzip, xz, zstd and bzip2 found by magic bytes (auto), or not.
-    #[arg(long, env = "POPULATOR_DECOMPRESS", value_enum, default_value_t, value_name = "MODE")]
+    #[arg(
+        long,
+        env = "POPULATOR_DECOMPRESS",
+        value_enum,
+        default_value_t,
+        value_name = "MODE"
+    )]
     pub decompress: DecompressMode,
 
     /// Expected digest of the source bytes as received: md5, sha1, sha256 or
     /// sha512 (repeatable).
-    #[arg(long = "checksum", env = "POPULATOR_CHECKSUM", value_name = "ALGO:HEX", value_delimiter = ',')]
+    #[arg(
+        long = "checksum",
+        env = "POPULATOR_CHECKSUM",
+        value_name = "ALGO:HEX",
+        value_delimiter = ','
+    )]
     pub checksums: Vec<Checksum>,
 
     /// Create device nodes and fifos from archives (root only).
-    #[arg(long, env = "POPULATOR_PRESERVE_DEVICES")]
+    #[arg(long, env = "POPULATOR_PRESERVE_DEVICES", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub preserve_devices: bool,
 
     /// Keep setuid/setgid bits from archives.
-    #[arg(long, env = "POPULATOR_PRESERVE_SETUID")]
+    #[arg(long, env = "POPULATOR_PRESERVE_SETUID", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub preserve_setuid: bool,
 
     /// Do not set owners from archives (they are set only when running as root).
-    #[arg(long, env = "POPULATOR_NO_CHOWN")]
+    #[arg(long, env = "POPULATOR_NO_CHOWN", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub no_chown: bool,
+}
+
+impl CommonArgs {
+    /// `--target`, or `POPULATOR_VOLUME_PATH` (the env twin of its alias `--volume-path`).
+    pub fn target_path(&self) -> Option<PathBuf> {
+        self.target
+            .clone()
+            .or_else(|| std::env::var_os("POPULATOR_VOLUME_PATH").map(PathBuf::from))
+    }
 }
 
 impl ContentArgs {
@@ -109,7 +176,10 @@ impl ContentArgs {
             mode: self.content,
             decompress: self.decompress,
             checksums: self.checksums.clone(),
-            file_name: self.file_name.clone().unwrap_or_else(|| default_name.to_string()),
+            file_name: self
+                .file_name
+                .clone()
+                .unwrap_or_else(|| default_name.to_string()),
             extract: ExtractOptions {
                 preserve_owner: !self.no_chown,
                 preserve_devices: self.preserve_devices,
@@ -129,9 +199,13 @@ fn parse_file_name(s: &str) -> Result<String, String> {
 /// Sizes as Kubernetes writes them: `1073741824`, `10Gi`, `500M`, `1.5Ti`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("'{s}' is not a size (for example 10Gi or 1073741824)"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (for example 10Gi or 1073741824)"))?;
     let unit: f64 = match suffix {
         "" => 1.0,
         "k" | "K" => 1e3,
@@ -143,7 +217,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "Gi" => 1024.0 * 1024.0 * 1024.0,
         "Ti" => 1024f64.powi(4),
         "Pi" => 1024f64.powi(5),
-        other => return Err(format!("unknown size suffix '{other}' in '{s}' (use Ki, Mi, Gi, Ti or k, M, G, T)")),
+        other => {
+            return Err(format!(
+                "unknown size suffix '{other}' in '{s}' (use Ki, Mi, Gi, Ti or k, M, G, T)"
+            ))
+        }
     };
     Ok((value * unit) as u64)
 }

@@ -50,7 +50,10 @@ impl ChunkSender {
     /// Sends one chunk of source bytes downstream; counts it as read and done.
     pub async fn send(&self, data: Bytes) -> Result<()> {
         let n = data.len() as u64;
-        self.tx.send(Chunk::Data(data)).await.map_err(|_| pipeline_closed())?;
+        self.tx
+            .send(Chunk::Data(data))
+            .await
+            .map_err(|_| pipeline_closed())?;
         self.progress.add_read(n);
         self.progress.advance(n);
         Ok(())
@@ -59,7 +62,9 @@ impl ChunkSender {
     /// `send` for sources that are not async.
     pub fn send_blocking(&self, data: Bytes) -> Result<()> {
         let n = data.len() as u64;
-        self.tx.blocking_send(Chunk::Data(data)).map_err(|_| pipeline_closed())?;
+        self.tx
+            .blocking_send(Chunk::Data(data))
+            .map_err(|_| pipeline_closed())?;
         self.progress.add_read(n);
         self.progress.advance(n);
         Ok(())
@@ -67,16 +72,25 @@ impl ChunkSender {
 
     /// Marks the end of the source: everything was sent.
     pub async fn finish(self) -> Result<()> {
-        self.tx.send(Chunk::End).await.map_err(|_| pipeline_closed())
+        self.tx
+            .send(Chunk::End)
+            .await
+            .map_err(|_| pipeline_closed())
     }
 
     pub fn finish_blocking(self) -> Result<()> {
-        self.tx.blocking_send(Chunk::End).map_err(|_| pipeline_closed())
+        self.tx
+            .blocking_send(Chunk::End)
+            .map_err(|_| pipeline_closed())
     }
 }
 
 fn pipeline_closed() -> anyhow::Error {
-    fail(Kind::Internal, "PipelineClosed", "the pipeline stopped taking data")
+    fail(
+        Kind::Internal,
+        "PipelineClosed",
+        "the pipeline stopped taking data",
+    )
 }
 
 /// The error a source returns to make the pipeline start over from zero.
@@ -99,22 +113,28 @@ pub struct StreamOutcome {
 
 /// Runs `source` into the target through digest, decompression and the
 /// content sink, starting over when the source asks to.
-pub fn run_stream<S>(target: &Target, spec: &ContentSpec, ctx: &Context, mut source: S) -> Result<StreamOutcome>
+pub fn run_stream<S>(
+    target: &Target,
+    spec: &ContentSpec,
+    ctx: &Context,
+    mut source: S,
+) -> Result<StreamOutcome>
 where
     S: FnMut(ChunkSender) -> Result<()>,
 {
     let mut restarts = 0;
     loop {
         match attempt(target, spec, ctx, &mut source) {
-            Err(e) if is_reason(&e, "SourceRestart") && restarts < MAX_RESTARTS && !ctx.cancel.is_cancelled() => {
+            Err(e)
+                if is_reason(&e, "SourceRestart")
+                    && restarts < MAX_RESTARTS
+                    && !ctx.cancel.is_cancelled() =>
+            {
                 restarts += 1;
                 crate::log::warn(format!("starting over from zero: {e:#}"));
                 ctx.progress.restart();
             }
-            Err(e) => {
-                ctx.report.set_digests(&Digests::default());
-                return Err(e);
-            }
+            Err(e) => return Err(e),
             Ok(mut outcome) => {
                 outcome.restarts = restarts;
                 return Ok(outcome);
@@ -123,7 +143,12 @@ where
     }
 }
 
-fn attempt<S>(target: &Target, spec: &ContentSpec, ctx: &Context, source: &mut S) -> Result<StreamOutcome>
+fn attempt<S>(
+    target: &Target,
+    spec: &ContentSpec,
+    ctx: &Context,
+    source: &mut S,
+) -> Result<StreamOutcome>
 where
     S: FnMut(ChunkSender) -> Result<()>,
 {
@@ -141,7 +166,10 @@ where
             .name("sink".into())
             .spawn_scoped(s, move || consume(sink_ref.as_mut(), rx2, spec, ctx))
             .expect("spawning the sink thread");
-        let source_result = source(ChunkSender { tx, progress: ctx.progress.clone() });
+        let source_result = source(ChunkSender {
+            tx,
+            progress: ctx.progress.clone(),
+        });
         let digests = hasher.join().expect("the digest thread panicked");
         let consumed = consumer.join().expect("the sink thread panicked");
         (source_result, digests, consumed)
@@ -159,14 +187,25 @@ where
             Ok(c) => c,
         };
         source_result?;
-        let digests = digests.ok_or_else(|| fail(Kind::Internal, "InternalError", "the digest stage stopped early"))?;
+        let digests = digests.ok_or_else(|| {
+            fail(
+                Kind::Internal,
+                "InternalError",
+                "the digest stage stopped early",
+            )
+        })?;
         ctx.report.set_digests(&digests);
         if let Some(mismatch) = digests.mismatch(&spec.checksums) {
             return Err(fail(Kind::Integrity, "ChecksumMismatch", mismatch));
         }
         ctx.progress.set_stage("flushing");
         sink.commit()?;
-        Ok(StreamOutcome { digests, compression, restarts: 0, details: sink.details() })
+        Ok(StreamOutcome {
+            digests,
+            compression,
+            restarts: 0,
+            details: sink.details(),
+        })
     })();
     if outcome.is_err() {
         sink.abort();
@@ -196,12 +235,25 @@ fn hash_stage(
 
 /// The sink thread: detect compression, decode, hand the plain bytes to the
 /// sink, then read the source to its end so every byte is digested.
-fn consume(sink: &mut dyn Sink, rx: mpsc::Receiver<Chunk>, spec: &ContentSpec, ctx: &Context) -> Result<Compression> {
-    let mut reader = ChannelReader { rx, current: Bytes::new(), ended: false, cancel: ctx.cancel.clone() };
+fn consume(
+    sink: &mut dyn Sink,
+    rx: mpsc::Receiver<Chunk>,
+    spec: &ContentSpec,
+    ctx: &Context,
+) -> Result<Compression> {
+    let mut reader = ChannelReader {
+        rx,
+        current: Bytes::new(),
+        ended: false,
+        cancel: ctx.cancel.clone(),
+    };
     let compression = {
         let (compression, mut decoded) = decompress::open(&mut reader, spec.decompress)?;
         ctx.report.set("compression", compression.name());
-        let info = StreamInfo { compression, declared_size: ctx.progress.total() };
+        let info = StreamInfo {
+            compression,
+            declared_size: ctx.progress.total(),
+        };
         sink.write_stream(&mut decoded, &info)?;
         compression
     };
@@ -228,11 +280,19 @@ impl Read for ChannelReader {
                 Ok(Chunk::End) => self.ended = true,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if self.cancel.is_cancelled() {
-                        return Err(into_io(Kind::Terminated, "Terminated", "terminated by signal"));
+                        return Err(into_io(
+                            Kind::Terminated,
+                            "Terminated",
+                            "terminated by signal",
+                        ));
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(into_io(Kind::Transient, "SourceAborted", "the source stopped before the end of the data"))
+                    return Err(into_io(
+                        Kind::Transient,
+                        "SourceAborted",
+                        "the source stopped before the end of the data",
+                    ))
                 }
             }
         }

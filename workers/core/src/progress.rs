@@ -151,7 +151,11 @@ impl Reporter {
 fn report_loop(progress: &Progress, mode: ProgressMode, interval: Duration, stop: &AtomicBool) {
     let bar = (mode == ProgressMode::Bar).then(new_bar);
     crate::log::set_bar(bar.clone());
-    let tick = if bar.is_some() { Duration::from_millis(200) } else { Duration::from_millis(100) };
+    let tick = if bar.is_some() {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_millis(100)
+    };
     let mut last_line = Instant::now();
     let mut rate = RateMeter::new(progress.done());
     loop {
@@ -180,7 +184,8 @@ fn report_loop(progress: &Progress, mode: ProgressMode, interval: Duration, stop
 }
 
 fn new_bar() -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{msg:12} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
@@ -199,7 +204,10 @@ struct RateMeter {
 
 impl RateMeter {
     fn new(done: u64) -> Self {
-        Self { at: Instant::now(), done }
+        Self {
+            at: Instant::now(),
+            done,
+        }
     }
 
     fn sample(&mut self, done: u64) -> f64 {
@@ -214,7 +222,9 @@ fn render_line(progress: &Progress, json: bool, bps: f64) -> String {
     let done = progress.done();
     let total = progress.total();
     let percent = progress.percent();
-    let eta = total.filter(|_| bps > 0.0).map(|t| t.saturating_sub(done) as f64 / bps);
+    let eta = total
+        .filter(|_| bps > 0.0)
+        .map(|t| t.saturating_sub(done) as f64 / bps);
     if json {
         return serde_json::json!({
             "event": "progress",
@@ -255,7 +265,11 @@ mod tests {
         p.set_total(Some(100));
         assert_eq!(p.percent(), Some(50.0));
         p.restart();
-        assert_eq!(p.percent(), Some(50.0), "restart must not lower the percent");
+        assert_eq!(
+            p.percent(),
+            Some(50.0),
+            "restart must not lower the percent"
+        );
         p.advance(100);
         assert_eq!(p.percent(), Some(99.999));
         p.mark_succeeded();

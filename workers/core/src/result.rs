@@ -49,7 +49,10 @@ impl WorkerResult {
             json = serde_json::to_string(&result).expect("a result serialises");
         }
         while json.len() > MAX_RESULT_BYTES && !result.message.is_empty() {
-            let keep = result.message.len().saturating_sub(json.len() - MAX_RESULT_BYTES + 8);
+            let keep = result
+                .message
+                .len()
+                .saturating_sub(json.len() - MAX_RESULT_BYTES + 8);
             let mut cut = keep.min(result.message.len());
             while !result.message.is_char_boundary(cut) {
                 cut -= 1;
@@ -68,12 +71,19 @@ pub fn termination_log_path(explicit: Option<&Path>) -> Option<PathBuf> {
         return Some(p.to_path_buf());
     }
     let default = Path::new(DEFAULT_TERMINATION_LOG);
-    let writable = std::fs::OpenOptions::new().write(true).open(default).is_ok();
+    let writable = std::fs::OpenOptions::new()
+        .write(true)
+        .open(default)
+        .is_ok();
     writable.then(|| default.to_path_buf())
 }
 
 pub fn write_result(path: &Path, result: &WorkerResult) -> std::io::Result<()> {
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     file.write_all(result.to_json().as_bytes())?;
     file.write_all(b"\n")
 }

@@ -56,21 +56,33 @@ impl Target {
                 return Err(fail(
                     Kind::Usage,
                     "InvalidTarget",
-                    format!("target {} is neither a directory, a block device nor a regular file", path.display()),
+                    format!(
+                        "target {} is neither a directory, a block device nor a regular file",
+                        path.display()
+                    ),
                 ))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let parent = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
                 if !parent.is_dir() {
                     return Err(fail(
                         Kind::Usage,
                         "InvalidTarget",
-                        format!("target {} does not exist and its directory {} is missing", path.display(), parent.display()),
+                        format!(
+                            "target {} does not exist and its directory {} is missing",
+                            path.display(),
+                            parent.display()
+                        ),
                     ));
                 }
                 TargetKind::File
             }
-            Err(e) => return Err(e).with_context(|| format!("inspecting target {}", path.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("inspecting target {}", path.display()))
+            }
         };
         let physical = match kind {
             TargetKind::Block => Some(block_device_size(&path)?),
@@ -78,7 +90,10 @@ impl Target {
             TargetKind::File => {
                 // The file is rewritten from the start, so its current size counts as free.
                 let existing = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let dir = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
                 Some(free_space(dir)?.saturating_add(existing))
             }
         };
@@ -86,7 +101,11 @@ impl Target {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        Ok(Target { path, kind, capacity })
+        Ok(Target {
+            path,
+            kind,
+            capacity,
+        })
     }
 
     /// Fails with exit 4 when `size` bytes cannot fit; `what` names the data.
@@ -125,8 +144,10 @@ fn default_path() -> Result<PathBuf> {
 
 /// The size of a block device (BLKGETSIZE64).
 pub fn block_device_size(path: &Path) -> Result<u64> {
-    let file = File::open(path).with_context(|| format!("opening block device {}", path.display()))?;
-    file_device_size(&file).with_context(|| format!("reading the size of block device {}", path.display()))
+    let file =
+        File::open(path).with_context(|| format!("opening block device {}", path.display()))?;
+    file_device_size(&file)
+        .with_context(|| format!("reading the size of block device {}", path.display()))
 }
 
 /// BLKGETSIZE64 on an open device.
@@ -159,7 +180,8 @@ fn statvfs(path: &Path) -> Result<libc::statvfs> {
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid C string and `st` a valid out-pointer.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("statvfs {}", path.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", path.display()));
     }
     Ok(st)
 }
@@ -203,9 +225,15 @@ mod tests {
         let err = t.check_fits(1001, "the source").unwrap_err();
         assert_eq!(crate::error::classify(&err).kind, Kind::Capacity);
         let img = dir.join(format!("nope-{}.img", std::process::id()));
-        assert_eq!(Target::detect(Some(&img), None).unwrap().kind, TargetKind::File);
+        assert_eq!(
+            Target::detect(Some(&img), None).unwrap().kind,
+            TargetKind::File
+        );
         let bad = dir.join("missing-dir-xyz/disk.img");
-        assert_eq!(crate::error::classify(&Target::detect(Some(&bad), None).unwrap_err()).kind, Kind::Usage);
+        assert_eq!(
+            crate::error::classify(&Target::detect(Some(&bad), None).unwrap_err()).kind,
+            Kind::Usage
+        );
     }
 
     #[test]
@@ -221,7 +249,8 @@ pub fn sync_filesystem(path: &Path) -> Result<()> {
     let dir = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: a valid descriptor.
     if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("syncing {}", path.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncing {}", path.display()));
     }
     Ok(())
 }

@@ -20,7 +20,11 @@ pub struct Identity {
 impl Identity {
     /// From PEM files, or a fresh self-signed certificate for `names` when
     /// neither file is given.
-    pub fn load_or_generate(cert: Option<&Path>, key: Option<&Path>, names: &[&str]) -> Result<Identity> {
+    pub fn load_or_generate(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        names: &[&str],
+    ) -> Result<Identity> {
         match (cert, key) {
             (Some(c), Some(k)) => Identity::from_pem_files(c, k),
             (None, None) => Identity::self_signed(names),
@@ -34,7 +38,8 @@ impl Identity {
 
     pub fn self_signed(names: &[&str]) -> Result<Identity> {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let generated = rcgen::generate_simple_self_signed(names).context("generating a self-signed certificate")?;
+        let generated = rcgen::generate_simple_self_signed(names)
+            .context("generating a self-signed certificate")?;
         Ok(Identity {
             chain: vec![generated.cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der())),
@@ -43,7 +48,11 @@ impl Identity {
 
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Identity> {
         let usage = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
-            fail(Kind::Usage, "InvalidConfiguration", format!("cannot read the TLS {what} {}: {e}", path.display()))
+            fail(
+                Kind::Usage,
+                "InvalidConfiguration",
+                format!("cannot read the TLS {what} {}: {e}", path.display()),
+            )
         };
         let cert_pem = std::fs::read(cert).map_err(|e| usage("certificate", cert, &e))?;
         let chain = rustls_pemfile::certs(&mut &cert_pem[..])
@@ -56,7 +65,10 @@ impl Identity {
         let key_der = rustls_pemfile::private_key(&mut &key_pem[..])
             .map_err(|e| usage("key", key, &e))?
             .ok_or_else(|| usage("key", key, &"no PEM private key in it"))?;
-        Ok(Identity { chain, key: key_der })
+        Ok(Identity {
+            chain,
+            key: key_der,
+        })
     }
 
     /// SHA-256 of the leaf certificate, hex with colons, as `openssl x509 -fingerprint` prints it.
@@ -65,16 +77,28 @@ impl Identity {
     }
 
     pub fn server_config(self) -> Result<Arc<rustls::ServerConfig>> {
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(self.chain, self.key)
-            .map_err(|e| fail(Kind::Usage, "InvalidConfiguration", format!("the TLS certificate and key do not fit: {e}")))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(self.chain, self.key)
+        .map_err(|e| {
+            fail(
+                Kind::Usage,
+                "InvalidConfiguration",
+                format!("the TLS certificate and key do not fit: {e}"),
+            )
+        })?;
         Ok(Arc::new(config))
     }
 }
 
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     let digest = sha2::Sha256::digest(cert.as_ref());
-    digest.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    digest
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

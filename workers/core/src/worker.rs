@@ -29,7 +29,11 @@ pub struct Context {
 
 impl Context {
     pub fn new(cancel: CancelToken) -> Self {
-        Self { progress: Arc::new(Progress::default()), cancel, report: Report::default() }
+        Self {
+            progress: Arc::new(Progress::default()),
+            cancel,
+            report: Report::default(),
+        }
     }
 }
 
@@ -53,7 +57,10 @@ impl Report {
     }
 
     pub fn set_target(&self, target: &Target) {
-        let info = TargetInfo { kind: target.kind.name().into(), path: target.path.display().to_string() };
+        let info = TargetInfo {
+            kind: target.kind.name().into(),
+            path: target.path.display().to_string(),
+        };
         self.with(|r| r.target = Some(info));
     }
 
@@ -90,7 +97,9 @@ impl<A: clap::Parser> Worker<A> {
         crate::log::init(self.name, common.progress == ProgressMode::Json);
         let cancel = match CancelToken::from_signals() {
             Ok(c) => c,
-            Err(e) => return self.finish(&common, &Context::new(CancelToken::default()), Err(e), None),
+            Err(e) => {
+                return self.finish(&common, &Context::new(CancelToken::default()), Err(e), None)
+            }
         };
         let ctx = Context::new(cancel);
         let metrics = match start_metrics(&common, &ctx) {
@@ -112,28 +121,56 @@ impl<A: clap::Parser> Worker<A> {
 
     fn usage_error(&self, e: clap::Error) -> ExitCode {
         use clap::error::ErrorKind;
-        if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+        if matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
         crate::log::init(self.name, false);
         let rendered = e.render().to_string();
-        let first = rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+        let first = rendered
+            .lines()
+            .next()
+            .unwrap_or("invalid arguments")
+            .trim_start_matches("error: ");
         let message = format!("{first} (see {} --help)", self.name);
-        let classified = Classified { kind: Kind::Usage, reason: "InvalidArguments".into(), message };
-        // The flags did not parse, so --termination-log may be unknown: use
-        // the environment's or the default.
-        let log = std::env::var_os("POPULATOR_TERMINATION_LOG").map(PathBuf::from);
-        self.emit_failure(log.as_deref(), &Context::new(CancelToken::default()), &classified);
+        let classified = Classified {
+            kind: Kind::Usage,
+            reason: "InvalidArguments".into(),
+            message,
+        };
+        // The flags did not parse as a whole; --termination-log may still be
+        // among them.
+        let log = termination_log_from_argv()
+            .or_else(|| std::env::var_os("POPULATOR_TERMINATION_LOG").map(PathBuf::from));
+        self.emit_failure(
+            log.as_deref(),
+            &Context::new(CancelToken::default()),
+            &classified,
+        );
         ExitCode::from(Kind::Usage.exit_code() as u8)
     }
 
-    fn finish(&self, common: &CommonArgs, ctx: &Context, outcome: Result<String>, metrics: Option<MetricsServer>) -> ExitCode {
+    fn finish(
+        &self,
+        common: &CommonArgs,
+        ctx: &Context,
+        outcome: Result<String>,
+        metrics: Option<MetricsServer>,
+    ) -> ExitCode {
         let code = match outcome {
             Ok(summary) => {
                 let result = self.result(ctx, "Succeeded", "Completed", &summary, None);
                 write_result_somewhere(common.termination_log.as_deref(), &result);
-                eprintln!("{}: Succeeded: {summary}", self.name);
+                summary_line(
+                    "Succeeded",
+                    &format!("{}: Succeeded: {summary}", self.name),
+                    &result,
+                );
                 0
             }
             Err(e) => {
@@ -153,18 +190,32 @@ impl<A: clap::Parser> Worker<A> {
     }
 
     fn emit_failure(&self, log: Option<&std::path::Path>, ctx: &Context, c: &Classified) {
-        let result = self.result(ctx, "Failed", &c.reason, &c.message, Some(c.kind.exit_code()));
+        let result = self.result(
+            ctx,
+            "Failed",
+            &c.reason,
+            &c.message,
+            Some(c.kind.exit_code()),
+        );
         write_result_somewhere(log, &result);
-        crate::log::print_line(&format!(
+        let line = format!(
             "{}: Failed ({}, exit {}): {}",
             self.name,
             c.reason,
             c.kind.exit_code(),
             c.message
-        ));
+        );
+        summary_line("Failed", &line, &result);
     }
 
-    fn result(&self, ctx: &Context, status: &'static str, reason: &str, message: &str, exit_code: Option<i32>) -> WorkerResult {
+    fn result(
+        &self,
+        ctx: &Context,
+        status: &'static str,
+        reason: &str,
+        message: &str,
+        exit_code: Option<i32>,
+    ) -> WorkerResult {
         ctx.report.with(|r| WorkerResult {
             worker: self.name.into(),
             version: self.version.into(),
@@ -175,23 +226,55 @@ impl<A: clap::Parser> Worker<A> {
             bytes_read: ctx.progress.bytes_read(),
             bytes_written: ctx.progress.bytes_written(),
             digests: r.digests.clone(),
-            duration_seconds: (ctx.progress.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+            duration_seconds: (ctx.progress.started.elapsed().as_secs_f64() * 1000.0).round()
+                / 1000.0,
             exit_code,
             extra: r.extra.clone(),
         })
     }
 }
 
+/// The one summary line on stderr: plain text, or the result itself as a
+/// JSON line with `--progress json`.
+fn summary_line(status: &str, text: &str, result: &WorkerResult) {
+    if crate::log::json_mode() {
+        let mut v: serde_json::Value = serde_json::from_str(&result.to_json()).unwrap_or_default();
+        v["event"] = "result".into();
+        v["status"] = status.into();
+        crate::log::print_line(&v.to_string());
+    } else {
+        crate::log::print_line(text);
+    }
+}
+
+/// `--termination-log PATH` or `--termination-log=PATH` from the raw arguments.
+fn termination_log_from_argv() -> Option<PathBuf> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    args.iter().enumerate().find_map(|(i, a)| {
+        let a = a.to_str()?;
+        if a == "--termination-log" {
+            args.get(i + 1).map(PathBuf::from)
+        } else {
+            a.strip_prefix("--termination-log=").map(PathBuf::from)
+        }
+    })
+}
+
 fn write_result_somewhere(explicit: Option<&std::path::Path>, result: &WorkerResult) {
     if let Some(path) = termination_log_path(explicit) {
         if let Err(e) = write_result(&path, result) {
-            crate::log::warn(format!("cannot write the result to {}: {e}", path.display()));
+            crate::log::warn(format!(
+                "cannot write the result to {}: {e}",
+                path.display()
+            ));
         }
     }
 }
 
 fn start_metrics(common: &CommonArgs, ctx: &Context) -> Result<Option<MetricsServer>> {
-    let Some(addr) = common.metrics_addr else { return Ok(None) };
+    let Some(addr) = common.metrics_addr else {
+        return Ok(None);
+    };
     let options = MetricsOptions {
         addr,
         cert_file: common.metrics_cert_file.clone(),

@@ -44,7 +44,6 @@ pub struct VolumeWriter {
     zero_run: Option<(u64, u64)>,
     limit: Option<u64>,
     limit_what: String,
-    cache_dropped_to: u64,
     cache_flushing_to: u64,
     zeroout_supported: bool,
     progress: Option<Arc<Progress>>,
@@ -55,7 +54,12 @@ pub struct VolumeWriter {
 impl VolumeWriter {
     /// A writer at offset 0. `limit` is the capacity; `limit_what` names the
     /// target in the capacity error.
-    pub fn new(file: File, mode: ZeroMode, limit: Option<u64>, limit_what: impl Into<String>) -> Self {
+    pub fn new(
+        file: File,
+        mode: ZeroMode,
+        limit: Option<u64>,
+        limit_what: impl Into<String>,
+    ) -> Self {
         Self {
             file,
             mode,
@@ -64,7 +68,6 @@ impl VolumeWriter {
             zero_run: None,
             limit,
             limit_what: limit_what.into(),
-            cache_dropped_to: 0,
             cache_flushing_to: 0,
             zeroout_supported: true,
             progress: None,
@@ -81,6 +84,29 @@ impl VolumeWriter {
     /// Logical bytes accepted so far.
     pub fn position(&self) -> u64 {
         self.offset + self.buf.len() as u64
+    }
+
+    /// Moves the write position forward to `offset`, leaving zeros (a hole)
+    /// behind without reading or writing them: sparse regions of archives.
+    pub fn skip_to(&mut self, offset: u64) -> io::Result<()> {
+        let position = self.position();
+        if offset < position {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "sparse regions out of order",
+            ));
+        }
+        self.write_buffer()?;
+        let len = offset - self.offset;
+        if len > 0 {
+            self.zero_run = match self.zero_run {
+                Some((s, l)) if s + l == self.offset => Some((s, l + len)),
+                _ => Some((self.offset, len)),
+            };
+            self.materialise_zero_run()?;
+            self.offset = offset;
+        }
+        Ok(())
     }
 
     /// Writes everything out, extends a file over trailing zeros and, when
@@ -181,7 +207,12 @@ impl VolumeWriter {
             let start = self.cache_flushing_to;
             // SAFETY: plain syscalls on a valid descriptor; failures only cost memory.
             unsafe {
-                libc::sync_file_range(fd, start as i64, CACHE_WINDOW as i64, libc::SYNC_FILE_RANGE_WRITE);
+                libc::sync_file_range(
+                    fd,
+                    start as i64,
+                    CACHE_WINDOW as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
             }
             self.cache_flushing_to += CACHE_WINDOW;
             if start >= CACHE_WINDOW {
@@ -191,11 +222,17 @@ impl VolumeWriter {
                         fd,
                         prev as i64,
                         CACHE_WINDOW as i64,
-                        libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                            | libc::SYNC_FILE_RANGE_WRITE
+                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
                     );
-                    libc::posix_fadvise(fd, prev as i64, CACHE_WINDOW as i64, libc::POSIX_FADV_DONTNEED);
+                    libc::posix_fadvise(
+                        fd,
+                        prev as i64,
+                        CACHE_WINDOW as i64,
+                        libc::POSIX_FADV_DONTNEED,
+                    );
                 }
-                self.cache_dropped_to = start;
             }
         }
         Ok(())
@@ -265,7 +302,10 @@ mod tests {
         File::open(&path).unwrap().read_to_end(&mut back).unwrap();
         assert!(back == data);
         let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
-        assert!(blocks <= 64 * 1024, "{blocks} bytes allocated for 2 data pages");
+        assert!(
+            blocks <= 64 * 1024,
+            "{blocks} bytes allocated for 2 data pages"
+        );
         std::fs::remove_file(path).unwrap();
     }
 
@@ -286,7 +326,12 @@ mod tests {
     #[test]
     fn limit_is_enforced_before_writing() {
         let path = temp("limit");
-        let mut w = VolumeWriter::new(File::create(&path).unwrap(), ZeroMode::Holes, Some(10), "the test file");
+        let mut w = VolumeWriter::new(
+            File::create(&path).unwrap(),
+            ZeroMode::Holes,
+            Some(10),
+            "the test file",
+        );
         w.write_all(b"0123456789").unwrap();
         let err = w.write_all(b"x").unwrap_err();
         assert!(err.to_string().contains("can take only 10 B"), "{err}");

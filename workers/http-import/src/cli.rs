@@ -39,7 +39,7 @@ pub struct HttpArgs {
     pub ca_file: Option<PathBuf>,
 
     /// Do not verify the server's certificate (logs a warning).
-    #[arg(long, env = "POPULATOR_INSECURE_SKIP_TLS_VERIFY")]
+    #[arg(long, env = "POPULATOR_INSECURE_SKIP_TLS_VERIFY", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_skip_tls_verify: bool,
 
     /// A request header, "Name: value" (repeatable; not for secrets, use --header-file).
@@ -51,15 +51,31 @@ pub struct HttpArgs {
     pub header_file: Option<PathBuf>,
 
     /// File holding the user name for basic authentication.
-    #[arg(long, env = "POPULATOR_USERNAME_FILE", value_name = "PATH", requires = "password_file")]
+    #[arg(
+        long,
+        env = "POPULATOR_USERNAME_FILE",
+        value_name = "PATH",
+        requires = "password_file"
+    )]
     pub username_file: Option<PathBuf>,
 
     /// File holding the password for basic authentication.
-    #[arg(long, env = "POPULATOR_PASSWORD_FILE", value_name = "PATH", requires = "username_file")]
+    #[arg(
+        long,
+        env = "POPULATOR_PASSWORD_FILE",
+        value_name = "PATH",
+        requires = "username_file"
+    )]
     pub password_file: Option<PathBuf>,
 
     /// File holding a bearer token.
-    #[arg(long, env = "POPULATOR_BEARER_TOKEN_FILE", value_name = "PATH", conflicts_with = "username_file")]
+    #[arg(
+        long,
+        visible_alias = "token-file",
+        env = "POPULATOR_BEARER_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "username_file"
+    )]
     pub bearer_token_file: Option<PathBuf>,
 
     /// Proxy URL for all requests (HTTP_PROXY, HTTPS_PROXY and NO_PROXY are
@@ -72,11 +88,21 @@ pub struct HttpArgs {
     pub retries: u32,
 
     /// Seconds before the first retry; doubles each time, at most 30.
-    #[arg(long, env = "POPULATOR_RETRY_BACKOFF", default_value_t = 1.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "POPULATOR_RETRY_BACKOFF",
+        default_value_t = 1.0,
+        value_name = "SECONDS"
+    )]
     pub retry_backoff: f64,
 
     /// Connect timeout, and the longest a transfer may stall, in seconds.
-    #[arg(long, env = "POPULATOR_TIMEOUT", default_value_t = 30.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "POPULATOR_TIMEOUT",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
     pub timeout: f64,
 
     /// Parallel ranged connections when the server allows ranges.
@@ -122,13 +148,20 @@ impl HttpArgs {
         }
         if let Some(path) = &self.bearer_token_file {
             let token = read_secret_file(path, "bearer token")?;
-            secret_headers.insert(AUTHORIZATION, sensitive(&format!("Bearer {}", token.expose()))?);
+            secret_headers.insert(
+                AUTHORIZATION,
+                sensitive(&format!("Bearer {}", token.expose()))?,
+            );
         }
         let seconds = |s: f64, flag: &str| {
             if s.is_finite() && s > 0.0 {
                 Ok(Duration::from_secs_f64(s))
             } else {
-                Err(fail(Kind::Usage, "InvalidConfiguration", format!("{flag} must be a positive number of seconds")))
+                Err(fail(
+                    Kind::Usage,
+                    "InvalidConfiguration",
+                    format!("{flag} must be a positive number of seconds"),
+                ))
             }
         };
         Ok(HttpConfig {
@@ -148,8 +181,13 @@ impl HttpArgs {
 }
 
 fn sensitive(value: &str) -> Result<HeaderValue> {
-    let mut v = HeaderValue::from_str(value)
-        .map_err(|_| fail(Kind::Usage, "InvalidConfiguration", "a credential holds characters not allowed in a header"))?;
+    let mut v = HeaderValue::from_str(value).map_err(|_| {
+        fail(
+            Kind::Usage,
+            "InvalidConfiguration",
+            "a credential holds characters not allowed in a header",
+        )
+    })?;
     v.set_sensitive(true);
     Ok(v)
 }
@@ -158,7 +196,11 @@ fn base64_encode(input: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {

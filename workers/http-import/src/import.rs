@@ -10,10 +10,18 @@ use crate::cli::Args;
 
 pub fn run(args: Args, ctx: &Context) -> Result<String> {
     let http = args.http.config(&args.url)?;
-    let target = Target::detect(args.common.target.as_deref(), args.common.pvc_size)?;
+    let target = Target::detect(args.common.target_path().as_deref(), args.common.pvc_size)?;
     ctx.report.set_target(&target);
-    let spec = args.content.spec(&default_file_name(&args.url, args.content.decompress));
-    let source = HttpSource::new(args.url.clone(), http.options, http.public_headers, http.secret_headers, ctx.cancel.clone())?;
+    let spec = args
+        .content
+        .spec(&default_file_name(&args.url, args.content.decompress));
+    let source = HttpSource::new(
+        args.url.clone(),
+        http.options,
+        http.public_headers,
+        http.secret_headers,
+        ctx.cancel.clone(),
+    )?;
     ctx.report.set("url", source.display_url());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -42,21 +50,40 @@ pub fn run(args: Args, ctx: &Context) -> Result<String> {
         short_bytes(ctx.progress.bytes_read()),
         source.display_url(),
         target.path.display(),
-        outcome.digests.0.get("sha256").map(String::as_str).unwrap_or("?"),
+        outcome
+            .digests
+            .0
+            .get("sha256")
+            .map(String::as_str)
+            .unwrap_or("?"),
         match outcome.compression.name() {
             "none" => "not compressed".to_string(),
             c => format!("{c} decompressed"),
         },
-        if resumes > 0 { format!(", {resumes} resumes") } else { String::new() },
+        if resumes > 0 {
+            format!(", {resumes} resumes")
+        } else {
+            String::new()
+        },
     ))
 }
 
 /// The name a file gets in a directory target: the URL's last path segment,
 /// without a compression suffix when decompressing.
-fn default_file_name(url: &url::Url, decompress: populator_core::decompress::DecompressMode) -> String {
-    let last = url.path_segments().and_then(|mut s| s.next_back()).unwrap_or("");
+fn default_file_name(
+    url: &url::Url,
+    decompress: populator_core::decompress::DecompressMode,
+) -> String {
+    let last = url
+        .path_segments()
+        .and_then(|mut s| s.next_back())
+        .unwrap_or("");
     let decoded = percent_decode(last);
-    let mut name = if populator_core::content::validate_file_name(&decoded).is_ok() { decoded } else { "data".into() };
+    let mut name = if populator_core::content::validate_file_name(&decoded).is_ok() {
+        decoded
+    } else {
+        "data".into()
+    };
     if decompress == populator_core::decompress::DecompressMode::Auto {
         for suffix in [".gz", ".xz", ".zst", ".bz2"] {
             if let Some(stem) = name.strip_suffix(suffix).filter(|s| !s.is_empty()) {
@@ -83,8 +110,17 @@ mod tests {
     #[test]
     fn file_names() {
         let u = |s: &str| url::Url::parse(s).unwrap();
-        assert_eq!(default_file_name(&u("http://h/a/disk%20one.img.gz"), DecompressMode::Auto), "disk one.img");
-        assert_eq!(default_file_name(&u("http://h/a/x.gz"), DecompressMode::None), "x.gz");
-        assert_eq!(default_file_name(&u("http://h/"), DecompressMode::Auto), "data");
+        assert_eq!(
+            default_file_name(&u("http://h/a/disk%20one.img.gz"), DecompressMode::Auto),
+            "disk one.img"
+        );
+        assert_eq!(
+            default_file_name(&u("http://h/a/x.gz"), DecompressMode::None),
+            "x.gz"
+        );
+        assert_eq!(
+            default_file_name(&u("http://h/"), DecompressMode::Auto),
+            "data"
+        );
     }
 }

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what the tests, the demo and the benchmarks need on a fresh Debian
+# machine. Idempotent: packages already present are left alone.
+set -euo pipefail
+
+packages=(
+  nginx            # fixture server (ranges, ETags, TLS, basic auth)
+  curl ca-certificates openssl
+  qemu-utils       # disk-image fixtures
+  e2fsprogs xfsprogs util-linux  # mkfs, losetup, mount
+  acl attr rsync   # metadata comparison of extracted trees
+  tar gzip xz-utils zstd bzip2
+  buildah podman runc skopeo
+  time procps psmisc
+  python3
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # Packages must not start services (nginx would take port 80) in a container.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# A stray nginx from the package must not hold port 80 or the test ports.
+pkill -x nginx 2>/dev/null || true
+
+# Loop devices for the block-device tests.
+modprobe loop 2>/dev/null || true
+[ -e /dev/loop-control ] || { echo "no /dev/loop-control: loop devices are needed by the tests" >&2; exit 1; }
+
+echo "test dependencies ready"
