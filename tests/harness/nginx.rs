@@ -138,13 +138,12 @@ http {{
                 Ok(())
             });
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .expect("starting nginx (install it: scripts/install-test-deps.sh)");
         tx.send(child.id()).unwrap();
-        loop {
-            std::thread::park();
-        }
+        // Waiting keeps this thread (and so nginx) alive for the whole run.
+        let _ = child.wait();
     });
     rx.recv().unwrap();
     for _ in 0..100 {

@@ -426,12 +426,12 @@ fn copy_sparse_v1(
     real_size: u64,
 ) -> io::Result<u64> {
     let mut consumed = 0u64;
-    let mut number = || -> io::Result<u64> {
+    let number = |reader: &mut dyn Read, consumed: &mut u64| -> io::Result<u64> {
         let mut digits = String::new();
         let mut byte = [0u8; 1];
         loop {
             reader.read_exact(&mut byte)?;
-            consumed += 1;
+            *consumed += 1;
             match byte[0] {
                 b'\n' => break,
                 b @ b'0'..=b'9' if digits.len() < 20 => digits.push(b as char),
@@ -442,12 +442,14 @@ fn copy_sparse_v1(
             .parse()
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad sparse map"))
     };
-    let count = number()?;
+    let count = number(reader, &mut consumed)?;
     let mut regions = Vec::new();
     for _ in 0..count.min(1 << 20) {
-        regions.push((number()?, number()?));
+        regions.push((
+            number(reader, &mut consumed)?,
+            number(reader, &mut consumed)?,
+        ));
     }
-    drop(number);
     let padding = (512 - consumed % 512) % 512;
     io::copy(&mut reader.take(padding), &mut io::sink())?;
     let mut data = 0;

@@ -112,15 +112,17 @@ impl HttpSource {
                     Retry::No(e) => return Err(e),
                     Retry::Yes(e) => e,
                 },
-                Err(e) if is_tls_error(&e) => return Err(fail(
-                    Kind::Auth,
-                    "TlsVerificationFailed",
-                    format!(
+                Err(e) if is_tls_error(&e) => {
+                    return Err(fail(
+                        Kind::Auth,
+                        "TlsVerificationFailed",
+                        format!(
                         "TLS verification of {} failed (pass the server's CA with --ca-file): {}",
                         self.display_url(),
                         tls_cause(&e)
                     ),
-                )),
+                    ))
+                }
                 Err(e) => {
                     let what = if e.is_timeout() {
                         "timed out"

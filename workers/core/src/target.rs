@@ -212,6 +212,18 @@ pub fn short_bytes(n: u64) -> String {
     }
 }
 
+/// syncfs: flushes every file written on the filesystem holding `path`.
+pub fn sync_filesystem(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncing {}", path.display()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,16 +253,4 @@ mod tests {
         assert_eq!(human_bytes(10), "10 B");
         assert_eq!(human_bytes(1536), "1.5 KiB (1536 bytes)");
     }
-}
-
-/// syncfs: flushes every file written on the filesystem holding `path`.
-pub fn sync_filesystem(path: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let dir = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: a valid descriptor.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("syncing {}", path.display()));
-    }
-    Ok(())
 }
