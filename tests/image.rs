@@ -13,14 +13,24 @@ use populator_tests::{require_root, scratch, test_dir};
 const MIB: u64 = 1 << 20;
 
 fn image(worker: &str) -> String {
-    let repo = std::env::var("POPULATOR_IMAGE_REPO").unwrap_or_else(|_| "localhost/populator".into());
+    let repo =
+        std::env::var("POPULATOR_IMAGE_REPO").unwrap_or_else(|_| "localhost/populator".into());
     let tag = std::env::var("POPULATOR_IMAGE_TAG").unwrap_or_else(|_| "dev".into());
     format!("{repo}/{worker}:{tag}")
 }
 
 fn podman_run(args: &[&str]) -> std::process::Output {
     Command::new("podman")
-        .args(["run", "--rm", "--runtime", "runc", "--ulimit", "nofile=1024:20000", "--ulimit", "nproc=1024:1024"])
+        .args([
+            "run",
+            "--rm",
+            "--runtime",
+            "runc",
+            "--ulimit",
+            "nofile=1024:20000",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
         .args(args)
         .output()
         .expect("running podman (install it: scripts/install-test-deps.sh)")
@@ -30,8 +40,14 @@ fn podman_run(args: &[&str]) -> std::process::Output {
 fn http_import_image_fills_a_block_device_under_podman() {
     require_root();
     let image = image("http-import");
-    let inspect = Command::new("podman").args(["image", "exists", &image]).status().unwrap();
-    assert!(inspect.success(), "image {image} is missing: build it with `make images` (make test does)");
+    let inspect = Command::new("podman")
+        .args(["image", "exists", &image])
+        .status()
+        .unwrap();
+    assert!(
+        inspect.success(),
+        "image {image} is missing: build it with `make images` (make test does)"
+    );
 
     let data = scratch().join("fixtures/image-test-24m.bin");
     std::fs::create_dir_all(data.parent().unwrap()).unwrap();
@@ -74,7 +90,13 @@ fn http_import_image_fills_a_block_device_under_podman() {
     assert!(output.status.success(), "the container failed{dump}");
     let v: serde_json::Value = serde_json::from_str(&result).expect("a JSON result");
     assert_eq!(v["status"], "Succeeded", "{dump}");
-    assert_eq!(v["target"]["kind"], "block", "the default target /dev/block was not used{dump}");
+    assert_eq!(
+        v["target"]["kind"], "block",
+        "the default target /dev/block was not used{dump}"
+    );
     assert_eq!(v["target"]["path"], "/dev/block");
-    assert_eq!(sha256_prefix(Path::new(device), 24 * MIB), sha256_file(&data));
+    assert_eq!(
+        sha256_prefix(Path::new(device), 24 * MIB),
+        sha256_file(&data)
+    );
 }

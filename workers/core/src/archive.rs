@@ -36,6 +36,17 @@ pub struct ExtractOptions {
     pub capacity: Option<u64>,
     /// Entries the archive may produce (free inodes).
     pub max_entries: Option<u64>,
+    /// `--owner UID:GID`: every entry gets this owner, whatever the archive says.
+    pub owner: Option<(u32, u32)>,
+}
+
+impl ExtractOptions {
+    /// The owner an entry gets: `--owner`, else the archive's own when
+    /// preserving as root, else the extracting user (no change).
+    fn owner_for(&self, uid: u64, gid: u64) -> Option<(u32, u32)> {
+        self.owner
+            .or_else(|| (self.preserve_owner && is_root()).then_some((uid as u32, gid as u32)))
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -351,32 +362,7 @@ impl Extractor<'_> {
     }
 
     fn apply_meta(&self, dst: &Path, meta: &EntryMeta, is_symlink: bool) -> Result<()> {
-        let c = cstr(dst)?;
-        if self.options.preserve_owner && is_root() {
-            // SAFETY: valid C string. lchown never follows a symlink.
-            if unsafe { libc::lchown(c.as_ptr(), meta.uid as libc::uid_t, meta.gid as libc::gid_t) }
-                != 0
-            {
-                crate::log::warn(format!(
-                    "cannot set the owner of {}: {}",
-                    dst.display(),
-                    io::Error::last_os_error()
-                ));
-            }
-        }
-        if !is_symlink {
-            let mut mode = meta.mode & 0o7777;
-            if !self.options.preserve_setuid {
-                mode &= !0o6000;
-            }
-            // SAFETY: valid C string. The path is not a symlink (checked by the caller).
-            if unsafe { libc::chmod(c.as_ptr(), mode) } != 0 {
-                return Err(io::Error::last_os_error())
-                    .with_context(|| format!("setting the mode of {}", dst.display()));
-            }
-        }
-        set_mtime(&c, meta.mtime);
-        Ok(())
+        set_meta(dst, meta, self.options, is_symlink)
     }
 }
 
@@ -472,6 +458,40 @@ fn copy_sparse_v1(
     }
     writer.skip_to(real_size)?;
     Ok(data)
+}
+
+/// Owner (lchown, never following a symlink), mode (setuid/setgid dropped
+/// unless asked) and mtime of one extracted entry.
+fn set_meta(
+    dst: &Path,
+    meta: &EntryMeta,
+    options: &ExtractOptions,
+    is_symlink: bool,
+) -> Result<()> {
+    let c = cstr(dst)?;
+    if let Some((uid, gid)) = options.owner_for(meta.uid, meta.gid) {
+        // SAFETY: valid C string.
+        if unsafe { libc::lchown(c.as_ptr(), uid, gid) } != 0 {
+            crate::log::warn(format!(
+                "cannot set the owner of {}: {}",
+                dst.display(),
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    if !is_symlink {
+        let mut mode = meta.mode & 0o7777;
+        if !options.preserve_setuid {
+            mode &= !0o6000;
+        }
+        // SAFETY: valid C string; the path is not a symlink.
+        if unsafe { libc::chmod(c.as_ptr(), mode) } != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("setting the mode of {}", dst.display()));
+        }
+    }
+    set_mtime(&c, meta.mtime);
+    Ok(())
 }
 
 /// The archive path as a clean relative path, or a hostile-archive error.
@@ -596,27 +616,8 @@ fn cstr(path: &Path) -> Result<CString> {
 pub fn apply_dir_metadata(root: &Path, dirs: &[DirMeta], options: &ExtractOptions) -> Result<()> {
     let mut ordered: Vec<&DirMeta> = dirs.iter().collect();
     ordered.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
-    let extractor_options = options.clone();
     for d in ordered {
-        let path = root.join(&d.path);
-        let c = cstr(&path)?;
-        if extractor_options.preserve_owner && is_root() {
-            // SAFETY: valid C string.
-            unsafe {
-                libc::lchown(
-                    c.as_ptr(),
-                    d.meta.uid as libc::uid_t,
-                    d.meta.gid as libc::gid_t,
-                )
-            };
-        }
-        let mut mode = d.meta.mode & 0o7777;
-        if !extractor_options.preserve_setuid {
-            mode &= !0o6000;
-        }
-        // SAFETY: valid C string.
-        unsafe { libc::chmod(c.as_ptr(), mode) };
-        set_mtime(&c, d.meta.mtime);
+        set_meta(&root.join(&d.path), &d.meta, options, false)?;
     }
     Ok(())
 }

@@ -64,7 +64,7 @@ pub const STAGING_DIR: &str = ".populator-staging";
 
 pub fn open_sink(target: &Target, spec: &ContentSpec, ctx: &Context) -> Result<Box<dyn Sink>> {
     match (spec.mode, target.kind) {
-        (ContentMode::File, _) => Ok(Box::new(FileSink::open(target, &spec.file_name, ctx)?)),
+        (ContentMode::File, _) => Ok(Box::new(FileSink::open(target, spec, ctx)?)),
         (ContentMode::Archive, TargetKind::Filesystem) => Ok(Box::new(ArchiveSink::open(target, spec, ctx)?)),
         (ContentMode::Archive, kind) => Err(fail(
             Kind::Usage,
@@ -100,10 +100,12 @@ struct FileSink {
     writer: Option<VolumeWriter>,
     file: Option<File>,
     progress: std::sync::Arc<crate::progress::Progress>,
+    owner: Option<(u32, u32)>,
 }
 
 impl FileSink {
-    fn open(target: &Target, file_name: &str, ctx: &Context) -> Result<FileSink> {
+    fn open(target: &Target, spec: &ContentSpec, ctx: &Context) -> Result<FileSink> {
+        let file_name = &spec.file_name;
         let (final_path, write_path) = match target.kind {
             TargetKind::Filesystem => (
                 target.path.join(file_name),
@@ -131,6 +133,7 @@ impl FileSink {
             writer: None,
             file: Some(file),
             progress: ctx.progress.clone(),
+            owner: spec.extract.owner,
         })
     }
 }
@@ -157,9 +160,17 @@ impl Sink for FileSink {
 
     fn commit(&mut self) -> Result<()> {
         let writer = self.writer.take().expect("commit after write_stream");
-        writer
+        let file = writer
             .finish(true)
             .with_context(|| format!("flushing {}", self.write_path.display()))?;
+        if let (Some((uid, gid)), false) = (self.owner, self.kind == TargetKind::Block) {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).with_context(|| {
+                format!(
+                    "setting the owner of {} to {uid}:{gid}",
+                    self.write_path.display()
+                )
+            })?;
+        }
         if self.write_path != self.final_path {
             fs::rename(&self.write_path, &self.final_path)
                 .with_context(|| format!("moving {} into place", self.final_path.display()))?;

@@ -103,6 +103,12 @@ pub struct CommonArgs {
     )]
     pub metrics_linger: f64,
 
+    /// Give what the worker creates this owner (numeric UID:GID), e.g. for a
+    /// volume used by another uid. Without it, owners change only when
+    /// preserving a source's ownership as root.
+    #[arg(long, env = "POPULATOR_OWNER", value_name = "UID:GID", value_parser = parse_owner)]
+    pub owner: Option<(u32, u32)>,
+
     /// Where the JSON result goes (default: /dev/termination-log when writable).
     #[arg(long, env = "POPULATOR_TERMINATION_LOG", value_name = "PATH")]
     pub termination_log: Option<PathBuf>,
@@ -170,8 +176,9 @@ impl CommonArgs {
 }
 
 impl ContentArgs {
-    /// The content spec, with `default_name` for file content in a directory.
-    pub fn spec(&self, default_name: &str) -> ContentSpec {
+    /// The content spec, with `default_name` for file content in a directory
+    /// and the `--owner` of the common flags.
+    pub fn spec(&self, default_name: &str, owner: Option<(u32, u32)>) -> ContentSpec {
         ContentSpec {
             mode: self.content,
             decompress: self.decompress,
@@ -186,9 +193,19 @@ impl ContentArgs {
                 preserve_setuid: self.preserve_setuid,
                 capacity: None,
                 max_entries: None,
+                owner,
             },
         }
     }
+}
+
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("'{s}' is not UID:GID (numeric, e.g. 107:107)");
+    let (uid, gid) = s.split_once(':').ok_or_else(bad)?;
+    Ok((
+        uid.parse().map_err(|_| bad())?,
+        gid.parse().map_err(|_| bad())?,
+    ))
 }
 
 fn parse_file_name(s: &str) -> Result<String, String> {

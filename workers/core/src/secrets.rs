@@ -58,6 +58,18 @@ pub fn read_secret_file(path: &Path, what: &str) -> Result<Secret> {
     Ok(Secret(value.to_string()))
 }
 
+/// A secret from its file (the flag's value), else from the environment
+/// variable `env` holding the value itself, else none.
+pub fn secret_from(file: Option<&Path>, env: &str, what: &str) -> Result<Option<Secret>> {
+    if let Some(path) = file {
+        return read_secret_file(path, what).map(Some);
+    }
+    Ok(std::env::var(env)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(Secret))
+}
+
 /// Reads a file of secret lines (for example `Name: value` headers), skipping
 /// blank lines and `#` comments.
 pub fn read_secret_lines(path: &Path, what: &str) -> Result<Vec<Secret>> {

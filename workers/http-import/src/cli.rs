@@ -8,7 +8,7 @@ use anyhow::Result;
 use populator_core::error::{fail, Kind};
 use populator_core::http::{parse_header, HttpOptions};
 use populator_core::options::{CommonArgs, ContentArgs};
-use populator_core::secrets::{read_secret_file, read_secret_lines};
+use populator_core::secrets::{read_secret_lines, secret_from};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use url::Url;
 
@@ -50,31 +50,22 @@ pub struct HttpArgs {
     #[arg(long, env = "POPULATOR_HEADER_FILE", value_name = "PATH")]
     pub header_file: Option<PathBuf>,
 
-    /// File holding the user name for basic authentication.
-    #[arg(
-        long,
-        env = "POPULATOR_USERNAME_FILE",
-        value_name = "PATH",
-        requires = "password_file"
-    )]
+    /// File holding the user name for basic authentication (or the value
+    /// itself in POPULATOR_USERNAME).
+    #[arg(long, env = "POPULATOR_USERNAME_FILE", value_name = "PATH")]
     pub username_file: Option<PathBuf>,
 
-    /// File holding the password for basic authentication.
-    #[arg(
-        long,
-        env = "POPULATOR_PASSWORD_FILE",
-        value_name = "PATH",
-        requires = "username_file"
-    )]
+    /// File holding the password for basic authentication (or the value
+    /// itself in POPULATOR_PASSWORD).
+    #[arg(long, env = "POPULATOR_PASSWORD_FILE", value_name = "PATH")]
     pub password_file: Option<PathBuf>,
 
-    /// File holding a bearer token.
+    /// File holding a bearer token (or the value itself in POPULATOR_BEARER_TOKEN).
     #[arg(
         long,
         visible_alias = "token-file",
         env = "POPULATOR_BEARER_TOKEN_FILE",
-        value_name = "PATH",
-        conflicts_with = "username_file"
+        value_name = "PATH"
     )]
     pub bearer_token_file: Option<PathBuf>,
 
@@ -140,18 +131,36 @@ impl HttpArgs {
                 secret_headers.append(name, value);
             }
         }
-        if let (Some(user), Some(pass)) = (&self.username_file, &self.password_file) {
-            let user = read_secret_file(user, "username")?;
-            let pass = read_secret_file(pass, "password")?;
-            let encoded = base64_encode(format!("{}:{}", user.expose(), pass.expose()).as_bytes());
-            secret_headers.insert(AUTHORIZATION, sensitive(&format!("Basic {encoded}"))?);
-        }
-        if let Some(path) = &self.bearer_token_file {
-            let token = read_secret_file(path, "bearer token")?;
-            secret_headers.insert(
-                AUTHORIZATION,
-                sensitive(&format!("Bearer {}", token.expose()))?,
-            );
+        let user = secret_from(
+            self.username_file.as_deref(),
+            "POPULATOR_USERNAME",
+            "username",
+        )?;
+        let pass = secret_from(
+            self.password_file.as_deref(),
+            "POPULATOR_PASSWORD",
+            "password",
+        )?;
+        let token = secret_from(
+            self.bearer_token_file.as_deref(),
+            "POPULATOR_BEARER_TOKEN",
+            "bearer token",
+        )?;
+        match (user, pass, token) {
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                return Err(usage("give basic-auth credentials or a bearer token, not both"))
+            }
+            (Some(user), Some(pass), None) => {
+                let encoded = base64_encode(format!("{}:{}", user.expose(), pass.expose()).as_bytes());
+                secret_headers.insert(AUTHORIZATION, sensitive(&format!("Basic {encoded}"))?);
+            }
+            (Some(_), None, None) | (None, Some(_), None) => {
+                return Err(usage("basic authentication needs both a username and a password (--username-file, --password-file)"))
+            }
+            (None, None, Some(token)) => {
+                secret_headers.insert(AUTHORIZATION, sensitive(&format!("Bearer {}", token.expose()))?);
+            }
+            (None, None, None) => {}
         }
         let seconds = |s: f64, flag: &str| {
             if s.is_finite() && s > 0.0 {
@@ -178,6 +187,10 @@ impl HttpArgs {
             connections: self.connections as usize,
         })
     }
+}
+
+fn usage(message: &str) -> anyhow::Error {
+    fail(Kind::Usage, "InvalidConfiguration", message)
 }
 
 fn sensitive(value: &str) -> Result<HeaderValue> {

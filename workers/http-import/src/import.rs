@@ -12,9 +12,10 @@ pub fn run(args: Args, ctx: &Context) -> Result<String> {
     let http = args.http.config(&args.url)?;
     let target = Target::detect(args.common.target_path().as_deref(), args.common.pvc_size)?;
     ctx.report.set_target(&target);
-    let spec = args
-        .content
-        .spec(&default_file_name(&args.url, args.content.decompress));
+    let spec = args.content.spec(
+        &default_file_name(&args.url, args.content.decompress),
+        args.common.owner,
+    );
     let source = HttpSource::new(
         args.url.clone(),
         http.options,
