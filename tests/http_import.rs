@@ -525,10 +525,16 @@ fn credentials_work_and_never_appear_in_output_or_result() {
         .success();
 
     // Secrets may come as values in the environment too.
-    let env = import(&nginx().url("bearer/random-1m.bin"), &out).env("POPULATOR_BEARER_TOKEN", nginx::TOKEN).run();
+    let env = import(&nginx().url("bearer/random-1m.bin"), &out)
+        .env("POPULATOR_BEARER_TOKEN", nginx::TOKEN)
+        .run();
     env.success().never_shows(nginx::TOKEN);
-    let half = import(&nginx().url("basic/random-1m.bin"), &out).arg("--username-file").arg(&user).run();
-    half.code(2).message_contains("needs both a username and a password");
+    let half = import(&nginx().url("basic/random-1m.bin"), &out)
+        .arg("--username-file")
+        .arg(&user)
+        .run();
+    half.code(2)
+        .message_contains("needs both a username and a password");
 
     // A missing secret file is a usage error that names it.
     import(&nginx().url("bearer/random-1m.bin"), &out)
@@ -850,7 +856,10 @@ fn owner_flag_sets_the_owner_of_created_files_and_extracted_entries() {
     let data = random_fixture("random-1m.bin", MIB, 7);
     let url = nginx().serve("random-1m.bin", &data);
     let out = test_dir("owner-file");
-    import(&url, &out).args(["--owner", "107:108"]).run().success();
+    import(&url, &out)
+        .args(["--owner", "107:108"])
+        .run()
+        .success();
     let m = std::fs::metadata(out.join("random-1m.bin")).unwrap();
     assert_eq!((m.uid(), m.gid()), (107, 108));
 
@@ -859,13 +868,24 @@ fn owner_flag_sets_the_owner_of_created_files_and_extracted_entries() {
     std::fs::create_dir_all(&tree).unwrap();
     make_tree(&tree);
     let archive = dir.join("tree.tar");
-    sh(&format!("tar -C {} -cf {} .", tree.display(), archive.display()));
+    sh(&format!(
+        "tar -C {} -cf {} .",
+        tree.display(),
+        archive.display()
+    ));
     let target = dir.join("t");
     std::fs::create_dir_all(&target).unwrap();
-    import(&nginx().serve("owner/tree.tar", &archive), &target).args(["--content", "archive", "--owner", "107:108"]).run().success();
+    import(&nginx().serve("owner/tree.tar", &archive), &target)
+        .args(["--content", "archive", "--owner", "107:108"])
+        .run()
+        .success();
     for rel in ["dir", "dir/a.txt", "private/rel-link", "dangling", "empty"] {
         let m = std::fs::symlink_metadata(target.join(rel)).unwrap();
         assert_eq!((m.uid(), m.gid()), (107, 108), "{rel} has the wrong owner");
     }
-    import(&url, &out).args(["--owner", "root"]).run().code(2).message_contains("UID:GID");
+    import(&url, &out)
+        .args(["--owner", "root"])
+        .run()
+        .code(2)
+        .message_contains("UID:GID");
 }
