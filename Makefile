@@ -20,7 +20,7 @@ images: static
 
 # Every test: unit tests of each crate, then the end-to-end suite (root,
 # loop devices, nginx, podman), all against the one build above.
-test: images
+test: deps images
 	cargo test $(CARGO_FLAGS) -- --test-threads=2
 
 demo: static
