@@ -274,30 +274,14 @@ impl HttpSource {
                     self.display_url()
                 )));
             }
-            failures_without_progress = if offset > before {
-                0
-            } else {
-                failures_without_progress + 1
-            };
-            if failures_without_progress > self.options.retries {
-                return Err(fail(
-                    Kind::Transient,
-                    "Unreachable",
-                    format!(
-                        "{dropped}; no progress after {} retries",
-                        self.options.retries
-                    ),
-                ));
-            }
+            self.pause_before_resume(
+                &mut failures_without_progress,
+                offset > before,
+                &dropped,
+                offset,
+            )
+            .await?;
             resumes += 1;
-            crate::log::warn(format!("{dropped}; resuming at byte {offset}"));
-            if failures_without_progress > 0 {
-                self.sleep(backoff(
-                    self.options.retry_backoff,
-                    failures_without_progress - 1,
-                ))
-                .await?;
-            }
             resp = self
                 .get(
                     Some(ByteRange {
@@ -421,34 +405,43 @@ impl HttpSource {
                 Err(BodyError::Pipeline(e)) => return Err(e),
                 Err(BodyError::Network(e)) => e,
             };
-            failures_without_progress = if buf.len() > before {
-                0
-            } else {
-                failures_without_progress + 1
-            };
-            if failures_without_progress > self.options.retries {
-                return Err(fail(
-                    Kind::Transient,
-                    "Unreachable",
-                    format!(
-                        "{dropped}; no progress after {} retries",
-                        self.options.retries
-                    ),
-                ));
-            }
+            let at = range.start + buf.len() as u64;
+            self.pause_before_resume(
+                &mut failures_without_progress,
+                buf.len() > before,
+                &dropped,
+                at,
+            )
+            .await?;
             resumes.fetch_add(1, Ordering::SeqCst);
-            crate::log::warn(format!(
-                "{dropped}; resuming at byte {}",
-                range.start + buf.len() as u64
-            ));
-            if failures_without_progress > 0 {
-                self.sleep(backoff(
-                    self.options.retry_backoff,
-                    failures_without_progress - 1,
-                ))
-                .await?;
-            }
         }
+    }
+
+    /// Between a broken transfer and its resumption: gives up (Transient)
+    /// after `retries` breaks in a row that made no progress, else logs and
+    /// backs off when the last attempt made none.
+    async fn pause_before_resume(
+        &self,
+        stalls: &mut u32,
+        progressed: bool,
+        dropped: &str,
+        at: u64,
+    ) -> Result<()> {
+        *stalls = if progressed { 0 } else { *stalls + 1 };
+        if *stalls > self.options.retries {
+            let retries = self.options.retries;
+            return Err(fail(
+                Kind::Transient,
+                "Unreachable",
+                format!("{dropped}; no progress after {retries} retries"),
+            ));
+        }
+        crate::log::warn(format!("{dropped}; resuming at byte {at}"));
+        if *stalls > 0 {
+            self.sleep(backoff(self.options.retry_backoff, *stalls - 1))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Feeds the body to `each` until it ends; a network failure is returned
