@@ -222,7 +222,7 @@ impl HttpSource {
             ..Default::default()
         };
         match info.size {
-            Some(size) if connections > 1 && info.ranges && size >= 2 * PIECE => {
+            Some(size) if connections > 1 && info.ranges && size >= 2 * piece_size(connections) => {
                 drop(first);
                 stats.connections = connections;
                 stats.resumes = self
@@ -302,13 +302,14 @@ impl HttpSource {
         connections: usize,
         validator: Option<&str>,
     ) -> Result<u32> {
-        let pieces = size.div_ceil(PIECE);
+        let piece = piece_size(connections);
+        let pieces = size.div_ceil(piece);
         let next = AtomicU64::new(0);
         let resumes = AtomicU32::new(0);
         // A piece holds a permit from its start until it is delivered in order,
-        // so at most `connections + 2` pieces are in memory.
-        let window = Arc::new(tokio::sync::Semaphore::new(connections + 2));
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(connections + 2);
+        // so at most `connections + 1` pieces (PARALLEL_WINDOW bytes) are in memory.
+        let window = Arc::new(tokio::sync::Semaphore::new(connections + 1));
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(connections + 1);
         let fetchers = (0..connections).map(|_| {
             let done_tx = done_tx.clone();
             let (window, next, resumes) = (window.clone(), &next, &resumes);
@@ -322,8 +323,8 @@ impl HttpSource {
                         return;
                     }
                     let range = ByteRange {
-                        start: index * PIECE,
-                        end: Some(((index + 1) * PIECE).min(size)),
+                        start: index * piece,
+                        end: Some(((index + 1) * piece).min(size)),
                     };
                     let piece = self.fetch_piece(range, validator, resumes).await;
                     let failed = piece.is_err();
@@ -477,8 +478,14 @@ impl HttpSource {
     }
 }
 
-/// Bytes per parallel piece.
-const PIECE: u64 = 4 << 20;
+/// Bytes a parallel download holds in pieces not yet delivered in order.
+const PARALLEL_WINDOW: u64 = 32 << 20;
+
+/// Piece size for `connections` parallel requests: large pieces (fewer
+/// requests) while `connections + 1` of them fit the window, 1–4 MiB.
+fn piece_size(connections: usize) -> u64 {
+    (PARALLEL_WINDOW / (connections as u64 + 1)).clamp(1 << 20, 4 << 20) & !0xFFFF
+}
 
 enum BodyError {
     Network(String),

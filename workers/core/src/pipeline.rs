@@ -28,46 +28,61 @@ use crate::progress::Progress;
 use crate::target::Target;
 use crate::worker::Context;
 
-/// Chunks in flight per channel. Network chunks are 8–64 KiB, so the two
-/// channels hold a few MiB at most.
+/// Chunks in flight per channel.
 const CHANNEL_DEPTH: usize = 64;
+/// Source bytes in flight between the source and the sink, whatever the
+/// chunk sizes (hyper's reads grow to hundreds of KiB; a parallel download
+/// delivers 4 MiB pieces): this, not the chunk count, bounds the memory.
+const IN_FLIGHT_BYTES: u32 = 8 << 20;
+/// Larger chunks are sliced (without copying) so that one chunk never needs
+/// the whole budget.
+const MAX_CHUNK: usize = 1 << 20;
 /// How often a source may start over from zero before the import fails.
 const MAX_RESTARTS: u32 = 3;
 const COPY_BUFFER: usize = 256 * 1024;
 
+/// A share of the in-flight budget, returned when the sink has consumed the
+/// chunk that holds it.
+type Budget = tokio::sync::OwnedSemaphorePermit;
+
 enum Chunk {
-    Data(Bytes),
+    Data(Bytes, Budget),
     End,
 }
 
 /// The source's end of the pipeline.
 pub struct ChunkSender {
     tx: tokio::sync::mpsc::Sender<Chunk>,
+    budget: Arc<tokio::sync::Semaphore>,
     progress: Arc<Progress>,
 }
 
 impl ChunkSender {
-    /// Sends one chunk of source bytes downstream; counts it as read and done.
-    pub async fn send(&self, data: Bytes) -> Result<()> {
-        let n = data.len() as u64;
-        self.tx
-            .send(Chunk::Data(data))
-            .await
-            .map_err(|_| pipeline_closed())?;
-        self.progress.add_read(n);
-        self.progress.advance(n);
+    /// Sends source bytes downstream, waiting while the in-flight budget is
+    /// spent; counts them as read and done.
+    pub async fn send(&self, mut data: Bytes) -> Result<()> {
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(MAX_CHUNK));
+            let n = piece.len();
+            let budget = self
+                .budget
+                .clone()
+                .acquire_many_owned(n as u32)
+                .await
+                .map_err(|_| pipeline_closed())?;
+            self.tx
+                .send(Chunk::Data(piece, budget))
+                .await
+                .map_err(|_| pipeline_closed())?;
+            self.progress.add_read(n as u64);
+            self.progress.advance(n as u64);
+        }
         Ok(())
     }
 
     /// `send` for sources that are not async.
     pub fn send_blocking(&self, data: Bytes) -> Result<()> {
-        let n = data.len() as u64;
-        self.tx
-            .blocking_send(Chunk::Data(data))
-            .map_err(|_| pipeline_closed())?;
-        self.progress.add_read(n);
-        self.progress.advance(n);
-        Ok(())
+        block_on(self.send(data))
     }
 
     /// Marks the end of the source: everything was sent.
@@ -79,9 +94,27 @@ impl ChunkSender {
     }
 
     pub fn finish_blocking(self) -> Result<()> {
-        self.tx
-            .blocking_send(Chunk::End)
-            .map_err(|_| pipeline_closed())
+        block_on(self.finish())
+    }
+}
+
+/// Runs a future on the current thread (for the blocking senders: the
+/// futures here only wait for the budget or a channel slot).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
     }
 }
 
@@ -168,6 +201,7 @@ where
             .expect("spawning the sink thread");
         let source_result = source(ChunkSender {
             tx,
+            budget: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES as usize)),
             progress: ctx.progress.clone(),
         });
         let digests = hasher.join().expect("the digest thread panicked");
@@ -220,9 +254,9 @@ fn hash_stage(
 ) -> Option<Digests> {
     while let Some(chunk) = rx.blocking_recv() {
         match chunk {
-            Chunk::Data(data) => {
+            Chunk::Data(data, budget) => {
                 digest.update(&data);
-                tx.send(Chunk::Data(data)).ok()?;
+                tx.send(Chunk::Data(data, budget)).ok()?;
             }
             Chunk::End => {
                 tx.send(Chunk::End).ok()?;
@@ -244,6 +278,7 @@ fn consume(
     let mut reader = ChannelReader {
         rx,
         current: Bytes::new(),
+        _budget: None,
         ended: false,
         cancel: ctx.cancel.clone(),
     };
@@ -265,6 +300,8 @@ fn consume(
 struct ChannelReader {
     rx: mpsc::Receiver<Chunk>,
     current: Bytes,
+    /// Held until `current` is consumed.
+    _budget: Option<Budget>,
     ended: bool,
     cancel: crate::cancel::CancelToken,
 }
@@ -276,7 +313,10 @@ impl Read for ChannelReader {
                 return Ok(0);
             }
             match self.rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(Chunk::Data(d)) => self.current = d,
+                Ok(Chunk::Data(d, budget)) => {
+                    self.current = d;
+                    self._budget = Some(budget);
+                }
                 Ok(Chunk::End) => self.ended = true,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if self.cancel.is_cancelled() {
