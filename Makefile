@@ -4,12 +4,15 @@ TARGET      ?= x86_64-unknown-linux-gnu
 export RUSTFLAGS = -C target-feature=+crt-static
 CARGO_FLAGS  = --release --target $(TARGET) --workspace
 BIN_DIR      = target/$(TARGET)/release
-WORKERS      = http-import
+# One binary and one image per crate under workers/ (core is the library).
+WORKERS      = $(filter-out core,$(notdir $(wildcard workers/*)))
+# One script per benchmark: scripts/bench-NAME.sh BIN_DIR (make bench-NAME).
+BENCHES      = $(patsubst scripts/bench-%.sh,%,$(wildcard scripts/bench-*.sh))
 IMAGE_REPO  ?= localhost/populator
 IMAGE_TAG   ?= dev
 export POPULATOR_BIN_DIR = $(CURDIR)/$(BIN_DIR)
 
-.PHONY: build static images test unit-test e2e-test demo bench lint fmt deps clean
+.PHONY: build static images test demo bench lint fmt deps clean
 
 build static:
 	cargo build $(CARGO_FLAGS)
@@ -26,8 +29,13 @@ test: deps images
 demo: static
 	scripts/demo.sh $(BIN_DIR)
 
+# Every benchmark, side by side with the tool a user would run instead;
+# figures go to bench-out/ and are summarised in docs/benchmarks.md.
 bench: static
-	scripts/bench.sh $(BIN_DIR)
+	set -e; for b in $(BENCHES); do scripts/bench-$$b.sh $(BIN_DIR); done
+
+bench-%: static
+	scripts/bench-$*.sh $(BIN_DIR)
 
 lint:
 	cargo fmt --all -- --check

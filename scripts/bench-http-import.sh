@@ -15,7 +15,7 @@
 #   gzip source into the file target:
 #     http-import --checksum, curl | tee >(sha256sum) | gunzip > F (reference)
 #
-# usage: scripts/bench.sh BIN_DIR          (make bench; run as root)
+# usage: scripts/bench-http-import.sh BIN_DIR   (make bench-http-import; root)
 #   BENCH_SIZE_MIB=2048   size of the uncompressed data (a multiple of 8)
 #   BENCH_RUNS=5          runs per case
 #   BENCH_TMPDIR=/var/tmp where the data, outputs and loop file live (not tmpfs)
