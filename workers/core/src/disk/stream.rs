@@ -27,6 +27,9 @@ use crate::writer::VolumeWriter;
 /// The largest metadata region (an L1 table, a BAT, a grain directory) read
 /// into memory: qemu's own limit for qcow2 L1 tables.
 pub const MAX_META: u64 = 32 << 20;
+/// Regions waiting to be read (and separate host ranges in use): about 100
+/// bytes each, so at most ~50 MiB however hostile or fragmented the tables.
+const MAX_PENDING: usize = 1 << 19;
 /// Data regions are copied in pieces of this size.
 const PIECE: usize = 256 << 10;
 
@@ -118,7 +121,7 @@ impl<T: Clone> Plan<T> {
         }
         self.check_bounds(offset, len, what)?;
         self.claim(offset, len, what)?;
-        self.push(offset, len, Use::Meta(tag));
+        self.push(offset, len, Use::Meta(tag))?;
         Ok(())
     }
 
@@ -129,7 +132,7 @@ impl<T: Clone> Plan<T> {
             return Ok(());
         }
         self.check_bounds(offset, len, what)?;
-        let key = self.push(offset, len, Use::Meta(tag));
+        let key = self.push(offset, len, Use::Meta(tag))?;
         if let Some(region) = self.queue.get_mut(&key) {
             region.optional = true;
         }
@@ -151,7 +154,7 @@ impl<T: Clone> Plan<T> {
                 }
             }
         }
-        let key = self.push(offset, len, Use::Data { guest });
+        let key = self.push(offset, len, Use::Data { guest })?;
         self.last_data = Some(key);
         Ok(())
     }
@@ -181,11 +184,17 @@ impl<T: Clone> Plan<T> {
                 out_len,
                 codec,
             },
-        );
+        )?;
         Ok(())
     }
 
-    fn push(&mut self, offset: u64, len: u64, what: Use<T>) -> (u64, u64) {
+    fn push(&mut self, offset: u64, len: u64, what: Use<T>) -> Result<(u64, u64)> {
+        if self.queue.len() >= MAX_PENDING || self.claims.len() >= MAX_PENDING {
+            return Err(corrupt(format!(
+                "the image maps more than {MAX_PENDING} separate {} runs ahead of its data; this converter refuses it to keep memory bounded (convert it with qemu-img convert first, which lays the data out in order)",
+                self.unit
+            )));
+        }
         self.seq += 1;
         let key = (offset, self.seq);
         self.queue.insert(
@@ -196,7 +205,7 @@ impl<T: Clone> Plan<T> {
                 optional: false,
             },
         );
-        key
+        Ok(key)
     }
 
     fn check_bounds(&self, offset: u64, len: u64, what: &str) -> Result<()> {
