@@ -1,0 +1,29 @@
+//! pvc-copy: clones one volume into another, locally (`--source`/`--target`)
+//! or over TLS (`send` on the source side, `receive` on the target side).
+//! The mode is the first argument; each hands over to the core's entry wrapper.
+
+mod block;
+mod cli;
+mod digest;
+mod filecopy;
+mod local;
+mod meta;
+mod tree;
+mod walk;
+
+fn main() -> std::process::ExitCode {
+    let version = env!("CARGO_PKG_VERSION");
+    match std::env::args_os()
+        .nth(1)
+        .as_deref()
+        .and_then(|a| a.to_str())
+    {
+        _ => populator_core::Worker {
+            name: "pvc-copy",
+            version,
+            common: |a: &cli::LocalArgs| &a.common,
+            run: local::run,
+        }
+        .main(),
+    }
+}
