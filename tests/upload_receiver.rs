@@ -855,3 +855,98 @@ fn compressed_archives_are_extracted() {
         vec![7u8; 100_000]
     );
 }
+
+fn image(worker: &str) -> String {
+    let repo =
+        std::env::var("POPULATOR_IMAGE_REPO").unwrap_or_else(|_| "localhost/populator".into());
+    let tag = std::env::var("POPULATOR_IMAGE_TAG").unwrap_or_else(|_| "dev".into());
+    format!("{repo}/{worker}:{tag}")
+}
+
+#[test]
+fn the_image_receives_an_upload_onto_a_block_device_under_podman() {
+    require_root();
+    let image = image("upload-receiver");
+    let exists = Command::new("podman")
+        .args(["image", "exists", &image])
+        .status()
+        .unwrap();
+    assert!(
+        exists.success(),
+        "image {image} is missing: build it with `make images` (make test does)"
+    );
+    let data = random_fixture("random-24m.bin", 24 * MIB, 11);
+    let dir = test_dir("image");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // uid 107 in the container reads the token and writes the result here.
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    std::fs::write(out.join("token"), TOKEN).unwrap();
+    let dev = LoopDevice::new(&dir, "blk", 32 * MIB);
+    dev.fill_random();
+    let device = dev.device.to_str().unwrap().to_string();
+    sh(&format!("chown 107:107 {device}"));
+    let port = free_port();
+    let mut container = Command::new("podman")
+        .args([
+            "run",
+            "--rm",
+            "--runtime",
+            "runc",
+            "--ulimit",
+            "nofile=1024:20000",
+        ])
+        .args([
+            "--ulimit",
+            "nproc=1024:1024",
+            "--network",
+            "host",
+            "--read-only",
+        ])
+        .arg("--device")
+        .arg(format!("{device}:/dev/block:rw"))
+        .arg("-v")
+        .arg(format!("{}:/out", out.display()))
+        .args(["-e", "POPULATOR_TOKEN_FILE=/out/token"])
+        .arg(&image)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--linger", "0", "--termination-log", "/out/result.json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running podman");
+    let until = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = container.try_wait() {
+            panic!("the container exited early with {status}");
+        }
+        assert!(
+            Instant::now() < until,
+            "the container did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let answer = curl(&upload_args(
+        &bearer(),
+        data.to_str().unwrap(),
+        &url(port, "/v1beta1/upload"),
+    ));
+    let output = container.wait_with_output().unwrap();
+    sh(&format!("chown 0:0 {device}"));
+    let result = std::fs::read_to_string(out.join("result.json")).unwrap_or_default();
+    let dump = format!(
+        "\nstatus: {}\nstderr:\n{}\nresult:\n{result}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(answer.status, 200, "{}{dump}", answer.body);
+    assert!(output.status.success(), "the container failed{dump}");
+    let v: serde_json::Value = serde_json::from_str(&result).expect("a JSON result");
+    assert_eq!(v["status"], "Succeeded", "{dump}");
+    assert_eq!(v["target"]["path"], "/dev/block", "{dump}");
+    assert_eq!(
+        sha256_prefix(Path::new(&device), 24 * MIB),
+        sha256_file(&data)
+    );
+    assert!(!String::from_utf8_lossy(&output.stderr).contains(TOKEN));
+}
