@@ -391,6 +391,12 @@ impl Runner<'_> {
         })();
         let mut last = match result {
             Ok(last) => last,
+            Err(e) if classify(&e).kind == Kind::Terminated => {
+                // Stopped from outside: keep what arrived, so that the
+                // receiver started again resumes it.
+                let _ = writer.checkpoint();
+                return Err(e);
+            }
             Err(e) => {
                 writer.abort();
                 return Err(e);
