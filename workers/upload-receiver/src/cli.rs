@@ -14,7 +14,13 @@ use populator_core::secrets::{secret_from, Secret};
 /// `virtctl image-upload` speaks), tus 1.0 resumable uploads, digests checked
 /// before anything is reported as populated. Exits after one successful upload.
 #[derive(clap::Parser, Debug)]
-#[command(name = "upload-receiver", version, about, max_term_width = 100)]
+#[command(
+    name = "upload-receiver",
+    version,
+    about,
+    max_term_width = 100,
+    args_override_self = true
+)]
 pub struct Args {
     #[command(flatten)]
     pub server: ServerArgs,

@@ -78,14 +78,16 @@ impl Limits {
         self.bounded(async {
             loop {
                 let frame = match tokio::time::timeout(idle, body.frame()).await {
-                    Err(_) => return Err(fail(
-                        Kind::Transient,
-                        "ClientStalled",
-                        format!(
+                    Err(_) => {
+                        return Err(fail(
+                            Kind::Transient,
+                            "ClientStalled",
+                            format!(
                             "the client sent nothing for {} s (--idle-timeout): disconnected it",
                             idle.as_secs_f64()
                         ),
-                    )),
+                        ))
+                    }
                     Ok(None) => return Ok(None),
                     Ok(Some(Err(e))) => {
                         return Err(fail(

@@ -378,15 +378,8 @@ impl Runner<'_> {
                 }
                 if let (Some(c), Some(expected)) = (check, &segment.checksum) {
                     if let Some(m) = c.finish().mismatch(std::slice::from_ref(expected)) {
-                        let e = fail(
-                            Kind::Integrity,
-                            "ChecksumMismatch",
-                            format!(
-                                "Upload-Checksum of the PATCH at offset {}: {m}",
-                                segment.offset
-                            ),
-                        );
-                        answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
+                        let e = patch_checksum_mismatch(segment.offset, &m);
+                        answer(&mut Some(segment.reply), tus_checksum_reply(&e));
                         return Err(e);
                     }
                 }
@@ -398,6 +391,12 @@ impl Runner<'_> {
         })();
         let mut last = match result {
             Ok(last) => last,
+            Err(e) if classify(&e).kind == Kind::Terminated => {
+                // Stopped from outside: keep what arrived, so that the
+                // receiver started again resumes it.
+                let _ = writer.checkpoint();
+                return Err(e);
+            }
             Err(e) => {
                 writer.abort();
                 return Err(e);
@@ -496,15 +495,8 @@ impl Runner<'_> {
                     }
                     if let (Some(c), Some(expected)) = (check, &segment.checksum) {
                         if let Some(m) = c.finish().mismatch(std::slice::from_ref(expected)) {
-                            let e = fail(
-                                Kind::Integrity,
-                                "ChecksumMismatch",
-                                format!(
-                                    "Upload-Checksum of the PATCH at offset {}: {m}",
-                                    segment.offset
-                                ),
-                            );
-                            answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
+                            let e = patch_checksum_mismatch(segment.offset, &m);
+                            answer(&mut Some(segment.reply), tus_checksum_reply(&e));
                             return Err(e);
                         }
                     }
@@ -565,4 +557,19 @@ pub fn failure_reply(c: &Classified) -> Reply {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     Reply::new(status, format!("{}: {}", c.reason, c.message))
+}
+
+fn patch_checksum_mismatch(offset: u64, mismatch: &str) -> anyhow::Error {
+    fail(
+        Kind::Integrity,
+        "ChecksumMismatch",
+        format!("Upload-Checksum of the PATCH at offset {offset}: {mismatch}"),
+    )
+}
+
+/// tus answers a checksum mismatch with its own status, 460.
+fn tus_checksum_reply(e: &anyhow::Error) -> Reply {
+    let mut reply = failure_reply(&classify(e));
+    reply.status = StatusCode::from_u16(460).expect("a valid status");
+    reply
 }
