@@ -38,6 +38,8 @@ pub struct ContentSpec {
     /// File name inside a directory target (`file` mode).
     pub file_name: String,
     pub extract: ExtractOptions,
+    /// `disk` mode: growing, random access to the source, spooling.
+    pub disk: crate::disk::DiskOptions,
 }
 
 /// Facts known once the stream starts.
@@ -65,17 +67,19 @@ pub const STAGING_DIR: &str = ".populator-staging";
 pub fn open_sink(target: &Target, spec: &ContentSpec, ctx: &Context) -> Result<Box<dyn Sink>> {
     match (spec.mode, target.kind) {
         (ContentMode::File, _) => Ok(Box::new(FileSink::open(target, spec, ctx)?)),
-        (ContentMode::Archive, TargetKind::Filesystem) => Ok(Box::new(ArchiveSink::open(target, spec, ctx)?)),
+        (ContentMode::Archive, TargetKind::Filesystem) => {
+            Ok(Box::new(ArchiveSink::open(target, spec, ctx)?))
+        }
         (ContentMode::Archive, kind) => Err(fail(
             Kind::Usage,
             "InvalidConfiguration",
-            format!("--content archive needs a directory target, but {} is a {} target", target.path.display(), kind.name()),
+            format!(
+                "--content archive needs a directory target, but {} is a {} target",
+                target.path.display(),
+                kind.name()
+            ),
         )),
-        (ContentMode::Disk, _) => Err(fail(
-            Kind::Usage,
-            "InvalidConfiguration",
-            "--content disk (disk image conversion) is not available in this version; use --content file for raw images",
-        )),
+        (ContentMode::Disk, _) => Ok(Box::new(crate::disk::DiskSink::open(target, spec, ctx)?)),
     }
 }
 

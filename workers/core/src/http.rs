@@ -711,6 +711,73 @@ pub fn parse_header(line: &str, secret: bool) -> Result<(HeaderName, HeaderValue
     Ok((name, value))
 }
 
+/// Random access to an HTTP resource by Range requests, for disk images
+/// whose metadata comes after the data it maps. Runs its requests on the
+/// download's runtime from the (blocking) sink thread.
+pub struct HttpRangeReader {
+    source: Arc<HttpSource>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl HttpRangeReader {
+    pub fn new(source: Arc<HttpSource>, runtime: tokio::runtime::Handle) -> Self {
+        Self { source, runtime }
+    }
+}
+
+impl std::fmt::Debug for HttpRangeReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HttpRangeReader({})", self.source.display_url())
+    }
+}
+
+impl crate::disk::RandomAccess for HttpRangeReader {
+    fn read_at(
+        &self,
+        offset: u64,
+        len: u64,
+        each: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let url = self.source.display_url();
+        self.runtime.block_on(async {
+            let range = ByteRange {
+                start: offset,
+                end: Some(offset + len),
+            };
+            let mut resp = self.source.get(Some(range), None).await?;
+            if resp.status() != StatusCode::PARTIAL_CONTENT {
+                return Err(crate::disk::ranges_unsupported(format!(
+                    "{url} does not answer range requests"
+                )));
+            }
+            check_partial(&resp, offset, &url)?;
+            let mut got = 0u64;
+            while let Some(chunk) = resp.chunk().await.map_err(|e| {
+                fail(
+                    Kind::Transient,
+                    "Unreachable",
+                    format!("a range request to {url} broke: {}", root_cause(&e)),
+                )
+            })? {
+                let n = (chunk.len() as u64).min(len - got) as usize;
+                each(&chunk[..n])?;
+                got += n as u64;
+                if got == len {
+                    break;
+                }
+            }
+            if got < len {
+                return Err(fail(
+                    Kind::Transient,
+                    "Unreachable",
+                    format!("{url} ended a range request after {got} of {len} bytes"),
+                ));
+            }
+            Ok(())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

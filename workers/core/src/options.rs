@@ -164,6 +164,15 @@ pub struct ContentArgs {
     /// Do not set owners from archives (they are set only when running as root).
     #[arg(long, env = "POPULATOR_NO_CHOWN", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub no_chown: bool,
+
+    /// Disk images in a directory target: grow `disk.img` to the available
+    /// space minus the filesystem overhead.
+    #[arg(long, env = "POPULATOR_GROW", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub grow: bool,
+
+    /// Share of a filesystem volume kept free by --grow (0 to 0.9; as CDI).
+    #[arg(long, env = "POPULATOR_FILESYSTEM_OVERHEAD", default_value_t = 0.06, value_name = "FRACTION", value_parser = parse_overhead)]
+    pub filesystem_overhead: f64,
 }
 
 impl CommonArgs {
@@ -183,10 +192,13 @@ impl ContentArgs {
             mode: self.content,
             decompress: self.decompress,
             checksums: self.checksums.clone(),
-            file_name: self
-                .file_name
-                .clone()
-                .unwrap_or_else(|| default_name.to_string()),
+            file_name: self.file_name.clone().unwrap_or_else(|| {
+                if self.content == ContentMode::Disk {
+                    crate::disk::DISK_FILE_NAME.to_string()
+                } else {
+                    default_name.to_string()
+                }
+            }),
             extract: ExtractOptions {
                 preserve_owner: !self.no_chown,
                 preserve_devices: self.preserve_devices,
@@ -195,7 +207,21 @@ impl ContentArgs {
                 max_entries: None,
                 owner,
             },
+            disk: crate::disk::DiskOptions {
+                grow: self.grow,
+                filesystem_overhead: self.filesystem_overhead,
+                ..Default::default()
+            },
         }
+    }
+}
+
+fn parse_overhead(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=0.9).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a fraction between 0 and 0.9 (e.g. 0.06)"
+        )),
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Progress {
     /// Highest percent reported so far, in thousandths, so it never falls.
     high_water: AtomicU64,
     succeeded: AtomicBool,
+    /// Set when `done` counts produced bytes (a converted disk image) rather
+    /// than source bytes: the source's own `advance`/`set_total` are ignored.
+    counts_output: AtomicBool,
     pub started: Instant,
 }
 
@@ -47,6 +50,7 @@ impl Default for Progress {
             bytes_written: AtomicU64::new(0),
             high_water: AtomicU64::new(0),
             succeeded: AtomicBool::new(false),
+            counts_output: AtomicBool::new(false),
             started: Instant::now(),
         }
     }
@@ -63,6 +67,9 @@ impl Progress {
 
     /// The size that `done` counts toward, when known.
     pub fn set_total(&self, total: Option<u64>) {
+        if self.counts_output.load(Ordering::Relaxed) {
+            return;
+        }
         self.total.store(total.unwrap_or(0), Ordering::Relaxed);
     }
 
@@ -71,6 +78,22 @@ impl Progress {
     }
 
     pub fn advance(&self, n: u64) {
+        if self.counts_output.load(Ordering::Relaxed) {
+            return;
+        }
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// From now on `done` counts produced bytes toward `total` (the virtual
+    /// size of a disk image), advanced only by [`Progress::advance_output`].
+    pub fn count_output(&self, total: u64) {
+        self.counts_output.store(true, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+
+    /// Produced bytes, when [`Progress::count_output`] is in force.
+    pub fn advance_output(&self, n: u64) {
         self.done.fetch_add(n, Ordering::Relaxed);
     }
 

@@ -109,6 +109,21 @@ impl VolumeWriter {
         Ok(())
     }
 
+    /// Writes `data` at `offset`, behind the current position (a disk image
+    /// whose clusters are stored out of order). The region was already
+    /// accepted as zeros, so pending data and zero regions go out first and
+    /// this write lands on top of them.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write_buffer()?;
+        self.materialise_zero_run()?;
+        self.file.write_all_at(data, offset)?;
+        self.data_bytes += data.len() as u64;
+        if let Some(p) = &self.progress {
+            p.add_written(data.len() as u64);
+        }
+        Ok(())
+    }
+
     /// Writes everything out, extends a file over trailing zeros and, when
     /// `sync` is set, flushes it to stable storage. Returns the file.
     pub fn finish(mut self, sync: bool) -> io::Result<File> {

@@ -1,7 +1,9 @@
 //! The import: an HTTP source streamed through the core pipeline.
 
 use anyhow::Result;
-use populator_core::http::HttpSource;
+use std::sync::Arc;
+
+use populator_core::http::{HttpRangeReader, HttpSource};
 use populator_core::pipeline::run_stream;
 use populator_core::target::{short_bytes, Target};
 use populator_core::Context;
@@ -12,22 +14,27 @@ pub fn run(args: Args, ctx: &Context) -> Result<String> {
     let http = args.http.config(&args.url)?;
     let target = Target::detect(args.common.target_path().as_deref(), args.common.pvc_size)?;
     ctx.report.set_target(&target);
-    let spec = args.content.spec(
+    let mut spec = args.content.spec(
         &default_file_name(&args.url, args.content.decompress),
         args.common.owner,
     );
-    let source = HttpSource::new(
+    let source = Arc::new(HttpSource::new(
         args.url.clone(),
         http.options,
         http.public_headers,
         http.secret_headers,
         ctx.cancel.clone(),
-    )?;
+    )?);
     ctx.report.set("url", source.display_url());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // Disk images stored out of order are read by range from the same URL.
+    spec.disk.random_access = Some(Arc::new(HttpRangeReader::new(
+        source.clone(),
+        runtime.handle().clone(),
+    )));
 
     ctx.progress.set_stage("downloading");
     let mut resumes = 0;
@@ -47,8 +54,9 @@ pub fn run(args: Args, ctx: &Context) -> Result<String> {
     ctx.report.set("connections", connections);
     ctx.report.extend(outcome.details.clone());
     Ok(format!(
-        "imported {} from {} into {} (sha256 {}, {}{})",
+        "imported {}{} from {} into {} (sha256 {}, {}{})",
         short_bytes(ctx.progress.bytes_read()),
+        disk_summary(&outcome.details),
         source.display_url(),
         target.path.display(),
         outcome
@@ -67,6 +75,21 @@ pub fn run(args: Args, ctx: &Context) -> Result<String> {
             String::new()
         },
     ))
+}
+
+/// ` (qcow2, 10.0 GiB virtual, streamed)` for converted disk images.
+fn disk_summary(details: &serde_json::Map<String, serde_json::Value>) -> String {
+    match (
+        details.get("format").and_then(|f| f.as_str()),
+        details.get("virtualSize").and_then(|v| v.as_u64()),
+        details.get("conversion").and_then(|c| c.as_str()),
+    ) {
+        (Some(format), Some(size), Some(conversion)) => format!(
+            " ({format} image, {} virtual, {conversion})",
+            short_bytes(size)
+        ),
+        _ => String::new(),
+    }
 }
 
 /// The name a file gets in a directory target: the URL's last path segment,
