@@ -426,10 +426,22 @@ fn ssh_with_keys_and_strict_host_keys() {
     run.success();
     assert_same_tree(&archive_of(&bare("main.git"), &r.c2), &dir, &run);
 
-    // The scp-like form needs the default port 22; reach it through an
-    // ssh:// URL's twin instead: user@host:path with the port in known_hosts
-    // is not expressible, so check that the form parses and fails on the
-    // closed port 22 as unreachable rather than as a usage error.
+    // The scp-like form (user@host:path) reaches port 22: its own sshd.
+    let s22 = populator_tests::git_servers::sshd_port_22();
+    let dir = test_dir("ssh-scp-like");
+    let run = clone(&s22.scp_url("main.git"), &dir)
+        .arg("--ssh-key-file")
+        .arg(&s22.key)
+        .arg("--known-hosts-file")
+        .arg(&s22.known_hosts)
+        .args(["--ref", "feature"])
+        .run();
+    run.success();
+    assert_same_tree(&archive_of(&bare("main.git"), &r.feature), &dir, &run);
+    assert_eq!(
+        git(&dir, "config remote.origin.url"),
+        s22.scp_url("main.git")
+    );
 
     let dir = test_dir("ssh-passphrase");
     let pass = secret_file(&test_dir("ssh-pass-secret"), "pass", s.passphrase);
@@ -939,4 +951,112 @@ fn usage_errors_exit_2() {
             .run();
         run.code(2).message_contains(text);
     }
+}
+
+fn image(worker: &str) -> String {
+    let repo =
+        std::env::var("POPULATOR_IMAGE_REPO").unwrap_or_else(|_| "localhost/populator".into());
+    let tag = std::env::var("POPULATOR_IMAGE_TAG").unwrap_or_else(|_| "dev".into());
+    format!("{repo}/{worker}:{tag}")
+}
+
+#[test]
+fn git_clone_image_clones_as_uid_107_under_podman() {
+    require_root();
+    let r = main_repo();
+    let image = image("git-clone");
+    let exists = std::process::Command::new("podman")
+        .args(["image", "exists", &image])
+        .status()
+        .unwrap();
+    assert!(
+        exists.success(),
+        "image {image} is missing: build it with `make images` (make test does)"
+    );
+    let dir = test_dir("image");
+    let (vol, out) = (dir.join("vol"), dir.join("out"));
+    for d in [&vol, &out] {
+        std::fs::create_dir_all(d).unwrap();
+        sh(&format!("chown 107:107 {}", d.display()));
+    }
+    let output = std::process::Command::new("podman")
+        .args([
+            "run",
+            "--rm",
+            "--runtime",
+            "runc",
+            "--ulimit",
+            "nofile=1024:20000",
+            "--ulimit",
+            "nproc=1024:1024",
+            "--network",
+            "host",
+            "--read-only",
+            "-v",
+            &format!("{}:/mnt", vol.display()),
+            "-v",
+            &format!("{}:/out", out.display()),
+            &image,
+            "--repo",
+            &git_http().url("main.git"),
+            "--ref",
+            "v1.0",
+            "--termination-log",
+            "/out/result.json",
+        ])
+        .output()
+        .expect("running podman (install it: scripts/install-test-deps.sh)");
+    let result = std::fs::read_to_string(out.join("result.json")).unwrap_or_default();
+    let dump = format!(
+        "\nstatus: {}\nstderr:\n{}\nresult:\n{result}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "the container failed{dump}");
+    let v: serde_json::Value = serde_json::from_str(&result).expect("a JSON result");
+    assert_eq!(v["commit"], r.c3.as_str(), "{dump}");
+    assert_eq!(v["target"]["path"], "/mnt", "{dump}");
+    let want = snapshot(&archive_of(&bare("main.git"), &r.c3), &[]);
+    assert_eq!(snapshot(&vol, &[]), want, "{dump}");
+    let owners = sh(&format!("find {} ! -user 107", vol.display()));
+    assert_eq!(owners.trim(), "", "files not owned by uid 107{dump}");
+}
+
+#[test]
+fn proxies_from_the_flag_and_the_environment_with_no_proxy() {
+    require_root();
+    let r = main_repo();
+    let server = git_http();
+    let proxy = populator_tests::forward_proxy::ForwardProxy::start();
+    let tls = server.tls_url("main.git");
+    let with_ca = |name: &str| {
+        let dir = test_dir(name);
+        let cmd = clone(&tls, &dir).arg("--ca-file").arg(&server.ca.ca_cert);
+        (dir, cmd)
+    };
+    let connect = format!("CONNECT localhost:{}", server.tls_port);
+
+    let (dir, cmd) = with_ca("proxy-flag");
+    let run = cmd.arg("--proxy").arg(proxy.url()).run();
+    run.success();
+    assert_same_tree(&archive_of(&bare("main.git"), &r.c4), &dir, &run);
+    assert!(
+        proxy.seen().iter().any(|l| l.starts_with(&connect)),
+        "no CONNECT through the proxy: {:?}{}",
+        proxy.seen(),
+        run.dump()
+    );
+
+    let before = proxy.seen().len();
+    let (_, cmd) = with_ca("proxy-env");
+    cmd.env("HTTPS_PROXY", &proxy.url()).run().success();
+    assert!(proxy.seen().len() > before, "HTTPS_PROXY was not used");
+
+    let before = proxy.seen().len();
+    let (_, cmd) = with_ca("proxy-no-proxy");
+    cmd.env("HTTPS_PROXY", &proxy.url())
+        .env("NO_PROXY", "example.com,localhost")
+        .run()
+        .success();
+    assert_eq!(proxy.seen().len(), before, "NO_PROXY was not honoured");
 }

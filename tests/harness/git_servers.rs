@@ -32,7 +32,7 @@ pub fn git_root() -> &'static PathBuf {
 
 /// Starts `cmd` from a thread that lives as long as the test process, with
 /// PDEATHSIG so the server dies with it; returns once `port` accepts.
-fn spawn_server(mut cmd: Command, port: u16, what: &str, log: &Path) {
+fn spawn_server(mut cmd: Command, addr: &str, port: u16, what: &str, log: &Path) {
     let (tx, rx) = std::sync::mpsc::channel();
     let what_owned = what.to_string();
     let log = log.to_path_buf();
@@ -54,7 +54,7 @@ fn spawn_server(mut cmd: Command, port: u16, what: &str, log: &Path) {
     });
     rx.recv().unwrap();
     for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpStream::connect((addr, port)).is_ok() {
             return;
         }
         std::thread::sleep(Duration::from_millis(25));
@@ -204,7 +204,7 @@ http {{
     std::fs::write(&conf_path, conf).unwrap();
     let mut cmd = Command::new("nginx");
     cmd.arg("-c").arg(&conf_path).arg("-g").arg("daemon off;");
-    spawn_server(cmd, port, "git nginx", &log_path("git nginx"));
+    spawn_server(cmd, "127.0.0.1", port, "git nginx", &log_path("git nginx"));
     GitHttp { port, tls_port, ca }
 }
 
@@ -231,13 +231,20 @@ pub fn git_daemon() -> &'static GitDaemon {
             .arg(format!("--port={port}"))
             .arg(format!("--base-path={}", git_root().display()))
             .arg(git_root());
-        spawn_server(cmd, port, "git daemon", &log_path("git daemon"));
+        spawn_server(
+            cmd,
+            "127.0.0.1",
+            port,
+            "git daemon",
+            &log_path("git daemon"),
+        );
         GitDaemon { port }
     })
 }
 
 /// sshd on a free loopback port: ed25519 host key, key-only login as root.
 pub struct Sshd {
+    pub addr: &'static str,
     pub port: u16,
     /// The client's ed25519 private key (authorized).
     pub key: PathBuf,
@@ -260,16 +267,34 @@ pub struct Sshd {
 impl Sshd {
     pub fn url(&self, name: &str) -> String {
         format!(
-            "ssh://root@127.0.0.1:{}{}/{name}",
+            "ssh://root@{}:{}{}/{name}",
+            self.addr,
             self.port,
             git_root().display()
         )
+    }
+
+    /// `root@ADDR:/path/NAME`, scp-like (port 22 only).
+    pub fn scp_url(&self, name: &str) -> String {
+        format!("root@{}:{}/{name}", self.addr, git_root().display())
     }
 }
 
 pub fn sshd() -> &'static Sshd {
     static SERVER: OnceLock<Sshd> = OnceLock::new();
-    SERVER.get_or_init(start_sshd)
+    SERVER.get_or_init(|| start_sshd("127.0.0.1", free_port(), "sshd"))
+}
+
+/// An sshd on 127.0.0.2 port 22, for scp-like URLs (which cannot name a port).
+pub fn sshd_port_22() -> &'static Sshd {
+    static SERVER: OnceLock<Sshd> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        assert!(
+            std::net::TcpListener::bind("127.0.0.2:22").is_ok(),
+            "port 22 on 127.0.0.2 is taken: the scp-like URL test needs it for its own sshd"
+        );
+        start_sshd("127.0.0.2", 22, "sshd-22")
+    })
 }
 
 fn keygen(path: &Path, kind: &str, passphrase: &str) {
@@ -285,8 +310,8 @@ fn pub_key(path: &Path) -> String {
     std::fs::read_to_string(format!("{}.pub", path.display())).unwrap()
 }
 
-fn start_sshd() -> Sshd {
-    let dir = scratch().join("sshd");
+fn start_sshd(addr: &'static str, port: u16, name: &str) -> Sshd {
+    let dir = scratch().join(name);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::create_dir_all("/run/sshd").unwrap();
     let host_key = dir.join("host_ed25519");
@@ -316,31 +341,27 @@ fn start_sshd() -> Sshd {
             .collect::<String>(),
     )
     .unwrap();
-    let port = free_port();
+    let host = if port == 22 {
+        addr.to_string()
+    } else {
+        format!("[{addr}]:{port}")
+    };
     let host_line = |k: &Path, host: &str| {
         let p = pub_key(k);
         let mut f = p.split_whitespace();
         format!("{host} {} {}\n", f.next().unwrap(), f.next().unwrap())
     };
     let known_hosts = dir.join("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        host_line(&host_key, &format!("[127.0.0.1]:{port}")),
-    )
-    .unwrap();
+    std::fs::write(&known_hosts, host_line(&host_key, &host)).unwrap();
     let wrong_known_hosts = dir.join("known_hosts_wrong");
-    std::fs::write(
-        &wrong_known_hosts,
-        host_line(&other_host_key, &format!("[127.0.0.1]:{port}")),
-    )
-    .unwrap();
+    std::fs::write(&wrong_known_hosts, host_line(&other_host_key, &host)).unwrap();
     let other_known_hosts = dir.join("known_hosts_other");
     std::fs::write(&other_known_hosts, host_line(&host_key, "git.example.com")).unwrap();
     let config = dir.join("sshd_config");
     std::fs::write(
         &config,
         format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+            "Port {port}\nListenAddress {addr}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
              PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPidFile {pid}\n\
              LogLevel ERROR\nSubsystem sftp internal-sftp\n",
@@ -352,8 +373,9 @@ fn start_sshd() -> Sshd {
     .unwrap();
     let mut cmd = Command::new("/usr/sbin/sshd");
     cmd.arg("-D").arg("-e").arg("-f").arg(&config);
-    spawn_server(cmd, port, "sshd", &log_path("sshd"));
+    spawn_server(cmd, addr, port, name, &log_path(name));
     Sshd {
+        addr,
         port,
         key,
         key_with_passphrase,

@@ -100,7 +100,8 @@ impl<'a> Session<'a> {
 
     pub fn proxy(&self) -> ProxyOptions<'static> {
         let mut p = ProxyOptions::new();
-        if self.url.is_http() {
+        // libgit2 tunnels only https through a proxy (plain http goes direct).
+        if self.url.scheme == Scheme::Https {
             if let Some(proxy) = proxy_for(&self.url, self.auth.proxy.as_deref()) {
                 p.url(&proxy);
             }
@@ -261,10 +262,7 @@ fn proxy_for(url: &RepoUrl, explicit: Option<&str>) -> Option<String> {
             .iter()
             .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
     };
-    let proxy = match url.scheme {
-        Scheme::Https => env(&["HTTPS_PROXY", "https_proxy"]),
-        _ => env(&["HTTP_PROXY", "http_proxy"]),
-    }?;
+    let proxy = env(&["HTTPS_PROXY", "https_proxy"])?;
     let host = url.host.as_deref().unwrap_or("");
     let no_proxy = env(&["NO_PROXY", "no_proxy"]).unwrap_or_default();
     if no_proxy_matches(&no_proxy, host) {

@@ -113,10 +113,6 @@ impl RepoUrl {
         })
     }
 
-    pub fn is_http(&self) -> bool {
-        matches!(self.scheme, Scheme::Http | Scheme::Https)
-    }
-
     /// The port the transport connects to.
     pub fn effective_port(&self) -> Option<u16> {
         self.port.or(match self.scheme {
