@@ -4,6 +4,8 @@
 //! stdout, stderr and result, so the failure explains itself.
 
 pub mod fixtures;
+pub mod forward_proxy;
+pub mod git_servers;
 pub mod loopdev;
 pub mod nginx;
 pub mod proxy;
