@@ -131,7 +131,11 @@ pub fn load(target: &Target) -> Option<Saved> {
         }
         Store::Nowhere => return None,
     }
-    decode(&record).filter(|s| s.offset <= s.length)
+    let saved = decode(&record).filter(|s| s.offset <= s.length)?;
+    // State without its data (removed by hand, a different volume) is stale.
+    let (_, write_path) = paths(target, &saved.file_name);
+    let written = fs::metadata(&write_path).ok()?;
+    (target.kind == TargetKind::Block || written.len() >= saved.offset).then_some(saved)
 }
 
 impl Resumable {

@@ -266,7 +266,13 @@ impl Runner<'_> {
         let writer = Resumable::create(&self.target, &spec, &session, &spec.file_name, self.ctx)?;
         session.announce_created();
         // Its first bytes tell whether it is compressed.
-        let Some((segment, first)) = self.first_bytes(&mut session)? else {
+        let first = self.first_bytes(&mut session).inspect_err(|e| {
+            // Kept for a restart when terminated; a deadline ends it for good.
+            if classify(e).kind != Kind::Terminated {
+                writer.abort();
+            }
+        })?;
+        let Some((segment, first)) = first else {
             writer.abort();
             return Ok(Ending::Dropped);
         };
