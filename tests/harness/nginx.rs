@@ -39,6 +39,11 @@ impl Nginx {
         )
     }
 
+    /// The same tree from a location that refuses Range requests.
+    pub fn url_without_ranges(&self, path: &str) -> String {
+        self.url(&format!("no-ranges/{}", path.trim_start_matches('/')))
+    }
+
     /// Places a file in the served tree (a hardlink when possible: fixtures are big).
     pub fn serve(&self, rel: &str, from: &Path) -> String {
         let dst = self.www.join(rel);
@@ -112,6 +117,7 @@ http {{
     location /redirect-same/ {{
       rewrite ^/redirect-same/(.*)$ /$1 redirect;
     }}
+    location /no-ranges/ {{ alias {www}/; max_ranges 0; }}
   }}
 }}
 "#,

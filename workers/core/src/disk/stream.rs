@@ -281,16 +281,22 @@ pub struct Stats {
     pub spooled_bytes: u64,
 }
 
-/// The forward pass over the source: holds the bytes of the current region
-/// (and only those), so regions must be asked for in increasing order.
+/// The forward pass over the source. It keeps the current region plus up to
+/// [`LOOKBACK`] bytes before it in memory: compressed clusters are packed
+/// into host clusters allocated before the table that maps them, so a
+/// layout is often slightly out of order, and that must not cost a range
+/// request (or a restart) each time.
 pub struct Cursor<'r> {
     reader: &'r mut dyn Read,
-    /// Source bytes `start..start + buf.len()`.
+    /// Source bytes `start..start + buf.len()`; the stream is at the end.
     buf: Vec<u8>,
     start: u64,
     eof: bool,
     spool: Option<Spool>,
 }
+
+/// Bytes kept behind the current region.
+pub const LOOKBACK: u64 = 4 << 20;
 
 impl<'r> Cursor<'r> {
     pub fn new(reader: &'r mut dyn Read, spool: Option<Spool>) -> Self {
@@ -303,53 +309,98 @@ impl<'r> Cursor<'r> {
         }
     }
 
-    /// The first source offset still available from the stream.
+    /// The first source offset still available from memory or the stream.
     pub fn start(&self) -> u64 {
         self.start
     }
 
-    /// Drops (or spools) everything before `offset`.
-    fn advance_to(&mut self, offset: u64) -> io::Result<()> {
-        let drop = ((offset - self.start) as usize).min(self.buf.len());
+    fn end(&self) -> u64 {
+        self.start + self.buf.len() as u64
+    }
+
+    /// Forgets (or spools) what lies more than [`LOOKBACK`] before `offset`;
+    /// in batches, so the buffer is not shifted for every region.
+    fn trim(&mut self, offset: u64) -> io::Result<()> {
+        let keep_from = offset.saturating_sub(LOOKBACK);
+        let drop = (keep_from.saturating_sub(self.start) as usize).min(self.buf.len());
+        // Shifting the buffer costs a copy: only for a whole window's worth,
+        // or when nothing stays.
+        if drop == 0 || (drop < LOOKBACK as usize && drop < self.buf.len()) {
+            return Ok(());
+        }
         if let Some(spool) = &mut self.spool {
             spool.keep(self.start, &self.buf[..drop])?;
         }
         self.buf.drain(..drop);
         self.start += drop as u64;
-        let mut piece = vec![0u8; PIECE];
-        while self.start < offset {
-            let want = ((offset - self.start) as usize).min(PIECE);
-            let n = self.read_some(&mut piece[..want])?;
-            if n == 0 {
-                return Ok(());
-            }
-            if let Some(spool) = &mut self.spool {
-                spool.keep(self.start, &piece[..n])?;
-            }
-            self.start += n as u64;
+        Ok(())
+    }
+
+    /// Moves everything held in memory to the spool (before reading from
+    /// it: a region behind the window may reach into the window).
+    fn spool_window(&mut self) -> io::Result<()> {
+        if let Some(spool) = &mut self.spool {
+            spool.keep(self.start, &self.buf)?;
+            self.start += self.buf.len() as u64;
+            self.buf.clear();
         }
         Ok(())
     }
 
-    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        read_some(self.reader, &mut self.eof, buf)
+    /// Reads forward until the stream is at `offset` (or ends), keeping
+    /// only the look-back window.
+    fn advance_to(&mut self, offset: u64) -> io::Result<()> {
+        self.trim(offset)?;
+        if self.buf.is_empty() && self.start < offset.saturating_sub(LOOKBACK) {
+            // A long gap: skip it in pieces without holding it.
+            let mut piece = vec![0u8; PIECE];
+            let skip_to = offset - LOOKBACK;
+            while self.start < skip_to {
+                let want = ((skip_to - self.start) as usize).min(PIECE);
+                let n = read_some(self.reader, &mut self.eof, &mut piece[..want])?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if let Some(spool) = &mut self.spool {
+                    spool.keep(self.start, &piece[..n])?;
+                }
+                self.start += n as u64;
+            }
+        }
+        while self.end() < offset {
+            let want = ((offset - self.end()) as usize).min(PIECE);
+            if self.fill(want)? == 0 {
+                return Ok(());
+            }
+            self.trim(offset)?;
+        }
+        Ok(())
     }
+
+    /// Appends up to `want` bytes from the stream.
+    fn fill(&mut self, want: usize) -> io::Result<usize> {
+        let have = self.buf.len();
+        self.buf.resize(have + want, 0);
+        let n = read_some(self.reader, &mut self.eof, &mut self.buf[have..])?;
+        self.buf.truncate(have + n);
+        Ok(n)
+    }
+
     /// The bytes `offset..offset + len`, or fewer when the stream ends first.
     pub fn fetch(&mut self, offset: u64, len: u64) -> io::Result<&[u8]> {
         self.advance_to(offset)?;
-        let want = len as usize;
-        while self.buf.len() < want && self.start == offset {
-            let have = self.buf.len();
-            self.buf.resize(want, 0);
-            let n = read_some(self.reader, &mut self.eof, &mut self.buf[have..])?;
-            self.buf.truncate(have + n);
-            if n == 0 {
+        let end = offset + len;
+        while self.end() < end {
+            if self.fill((end - self.end()) as usize)? == 0 {
                 break;
             }
         }
-        let end = want.min(self.buf.len());
-        let skip = (offset.saturating_sub(self.start) as usize).min(end);
-        Ok(&self.buf[skip..end])
+        if offset >= self.end() {
+            return Ok(&[]);
+        }
+        let from = (offset - self.start) as usize;
+        let to = (end.min(self.end()) - self.start) as usize;
+        Ok(&self.buf[from..to])
     }
 
     /// Passes `offset..offset + len` to `each` in pieces without holding it;
@@ -361,22 +412,31 @@ impl<'r> Cursor<'r> {
         each: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<u64> {
         self.advance_to(offset)?;
-        if self.start < offset {
+        if self.end() < offset {
             return Ok(0);
         }
         let mut done = 0u64;
-        // Bytes already buffered (the tail of the previous region).
-        let buffered = (self.buf.len() as u64).min(len) as usize;
+        // Bytes already buffered: the look-back window reaches into the region.
+        let from = (offset - self.start) as usize;
+        let buffered = ((self.buf.len() - from) as u64).min(len) as usize;
         if buffered > 0 {
-            each(&self.buf[..buffered])?;
-            self.buf.drain(..buffered);
-            self.start += buffered as u64;
+            each(&self.buf[from..from + buffered])?;
             done += buffered as u64;
+        }
+        // Data regions are not kept: forget the window and stream past it.
+        if let Some(spool) = &mut self.spool {
+            spool.keep(self.start, &self.buf[..from])?;
+        }
+        self.start = offset + done;
+        self.buf.drain(..(from + buffered).min(self.buf.len()));
+        if !self.buf.is_empty() {
+            // The region ended inside the buffer; what follows stays.
+            return Ok(done);
         }
         let mut piece = vec![0u8; PIECE];
         while done < len {
             let want = ((len - done) as usize).min(PIECE);
-            let n = self.read_some(&mut piece[..want])?;
+            let n = read_some(self.reader, &mut self.eof, &mut piece[..want])?;
             if n == 0 {
                 break;
             }
@@ -663,6 +723,7 @@ impl<'r, L: Layout> Driver<'r, L> {
         len: u64,
         each: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
+        self.cursor.spool_window()?;
         if let Some(spool) = &self.cursor.spool {
             if spool.read(offset, len, each)? {
                 self.stats.conversion = Some(Conversion::Spooled);
