@@ -116,8 +116,9 @@ fn start_git_http() -> GitHttp {
     let socket = dir.join("fcgiwrap.sock");
     let _ = std::fs::remove_file(&socket);
     let mut fcgi = Command::new("fcgiwrap");
+    // One process (-c 1): preforked children would outlive the test process.
     fcgi.arg("-c")
-        .arg("4")
+        .arg("1")
         .arg("-s")
         .arg(format!("unix:{}", socket.display()));
     // fcgiwrap listens on a socket, not a port: wait for the socket file.
@@ -223,9 +224,11 @@ pub fn git_daemon() -> &'static GitDaemon {
     static SERVER: OnceLock<GitDaemon> = OnceLock::new();
     SERVER.get_or_init(|| {
         let port = free_port();
-        let mut cmd = Command::new("git");
-        cmd.arg("daemon")
-            .arg("--reuseaddr")
+        // git-daemon itself, not `git daemon`: PDEATHSIG reaches only the
+        // direct child.
+        let exec_path = sh("git --exec-path").trim().to_string();
+        let mut cmd = Command::new(Path::new(&exec_path).join("git-daemon"));
+        cmd.arg("--reuseaddr")
             .arg("--export-all")
             .arg("--listen=127.0.0.1")
             .arg(format!("--port={port}"))
