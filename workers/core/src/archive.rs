@@ -179,6 +179,7 @@ impl Extractor<'_> {
                 self.clear(&dst, &rel)?;
                 self.write_file(entry, &dst, sparse.as_ref())?;
                 self.summary.files += 1;
+                self.progress.add_file_done();
             }
             T::Symlink => {
                 let target = entry
