@@ -195,7 +195,11 @@ fn backup(repo: &str, password_file: &Path, vol: &Path, host: &str, tags: &str) 
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["message_type"] == "summary")
         .unwrap_or_else(|| panic!("no summary from restic backup:\n{out}"));
-    summary["snapshot_id"].as_str().unwrap().to_string()
+    // restic 0.14 prints the short ID there; the result carries the full one.
+    let short = summary["snapshot_id"].as_str().unwrap();
+    let list = restic(repo, password_file, &format!("snapshots --json {short}"));
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    list[0]["id"].as_str().unwrap().to_string()
 }
 
 fn restore(repo: &str, target: &Path) -> WorkerCmd {
@@ -486,7 +490,7 @@ fn raw_images_onto_a_block_device_and_into_disk_img() {
     let run = worker("backup-restore")
         .args(["--image", &url])
         .arg("--target")
-        .arg(&dev.path)
+        .arg(&dev.device)
         .run();
     run.success();
     assert_eq!(run.result()["target"]["kind"], "block");
@@ -494,7 +498,7 @@ fn raw_images_onto_a_block_device_and_into_disk_img() {
         sh(&format!(
             "head -c {} {} | sha256sum",
             24 * MIB,
-            dev.path.display()
+            dev.device.display()
         ))[..64],
         expected
     );

@@ -82,8 +82,7 @@ impl Restorer<'_> {
         progress.set_stage("listing");
         let entries = self.list(roots)?;
         let mut restored = Restored::default();
-        progress.set_stage("creating");
-        let files = self.create_nodes(&entries, &mut restored)?;
+        let files = self.plan_files(&entries)?;
         let zero_blobs = self.zero_blobs(&files)?;
         let data_bytes: u64 = files
             .iter()
@@ -106,6 +105,21 @@ impl Restorer<'_> {
                 ));
             }
         }
+        if let Ok(free) = populator_core::target::free_inodes(&self.root) {
+            if free > 0 && entries.len() as u64 > free {
+                return Err(fail(
+                    Kind::Capacity,
+                    "InsufficientCapacity",
+                    format!(
+                        "the snapshot holds {} entries but target {} has only {free} free inodes",
+                        entries.len(),
+                        self.root.display()
+                    ),
+                ));
+            }
+        }
+        progress.set_stage("creating");
+        self.create_nodes(&entries, &mut restored)?;
         self.ctx.report.set("files", files.len() as u64);
         progress.set_total(Some(restored.file_bytes.max(1)));
         progress.set_files_total(Some(files.len() as u64));
@@ -174,9 +188,41 @@ impl Restorer<'_> {
         Ok(entries)
     }
 
-    /// Pass 1b: directories, empty files of their final size, links, specials.
-    fn create_nodes(&self, entries: &[Entry], restored: &mut Restored) -> Result<Vec<FileJob>> {
+    /// The files whose contents are written (a hardlinked file once), with
+    /// their blobs: known before anything is created, so that a snapshot
+    /// too large for the target fails first.
+    fn plan_files(&self, entries: &[Entry]) -> Result<Vec<FileJob>> {
         let mut files = Vec::new();
+        let mut seen = HashSet::new();
+        for entry in entries {
+            let node = &entry.node;
+            if !matches!(node.node_type, NodeType::File) {
+                continue;
+            }
+            if let Some(key) = hardlink_key(node) {
+                if !seen.insert(key) {
+                    continue;
+                }
+            }
+            let mut blobs = Vec::new();
+            for id in node.content.iter().flatten() {
+                let len = self
+                    .repo
+                    .get_index_entry(id)
+                    .map_err(|e| self.read_error(&e, "looking up a blob"))?
+                    .data_length();
+                blobs.push((*id, len));
+            }
+            files.push(FileJob {
+                dest: entry.dest.clone(),
+                blobs,
+            });
+        }
+        Ok(files)
+    }
+
+    /// Pass 1b: directories, empty files of their final size, links, specials.
+    fn create_nodes(&self, entries: &[Entry], restored: &mut Restored) -> Result<()> {
         let mut hardlinks: HashMap<(u64, u64), PathBuf> = HashMap::new();
         for entry in entries {
             self.ctx.cancel.check()?;
@@ -194,8 +240,7 @@ impl Restorer<'_> {
                     }
                     NodeType::File => {
                         make_room(&path, false)?;
-                        let key = (node.meta.links > 1 && node.meta.inode != 0)
-                            .then_some((node.meta.device_id, node.meta.inode));
+                        let key = hardlink_key(node);
                         if let Some(first) = key.and_then(|k| hardlinks.get(&k)) {
                             fs::hard_link(first, &path)?;
                             restored.hardlinks += 1;
@@ -212,20 +257,6 @@ impl Restorer<'_> {
                         file.set_len(node.meta.size)?;
                         restored.files += 1;
                         restored.file_bytes += node.meta.size;
-                        files.push(FileJob {
-                            dest: entry.dest.clone(),
-                            blobs: Vec::new(),
-                        });
-                        let ids = node.content.clone().unwrap_or_default();
-                        let job = files.last_mut().expect("just pushed");
-                        for id in ids {
-                            let len = self
-                                .repo
-                                .get_index_entry(&id)
-                                .map_err(|e| self.read_error(&e, "looking up a blob"))?
-                                .data_length();
-                            job.blobs.push((id, len));
-                        }
                     }
                     NodeType::Symlink { .. } => {
                         make_room(&path, false)?;
@@ -260,7 +291,7 @@ impl Restorer<'_> {
             })();
             created.with_context(|| format!("creating {}", path.display()))?;
         }
-        Ok(files)
+        Ok(())
     }
 
     /// Blobs that occur more than once are read once to see whether they
@@ -486,6 +517,11 @@ impl Restorer<'_> {
             format!("{what} in {}: {}", self.repo_name, rustic_message(err)),
         )
     }
+}
+
+/// Names of one file: restic records the inode and link count.
+fn hardlink_key(node: &Node) -> Option<(u64, u64)> {
+    (node.meta.links > 1 && node.meta.inode != 0).then_some((node.meta.device_id, node.meta.inode))
 }
 
 fn hostile(message: String) -> anyhow::Error {

@@ -39,7 +39,9 @@ impl S3Backend {
         access_key_id: &Secret,
         secret_access_key: &Secret,
     ) -> anyhow::Result<Self> {
-        opendal::init_default_registry();
+        // The reqwest HTTP transport (no auto-registration without opendal's
+        // default features).
+        opendal::install_default();
         let builder = opendal::services::S3::default()
             .endpoint(&location.endpoint)
             .bucket(&location.bucket)
