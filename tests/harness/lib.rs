@@ -3,6 +3,7 @@
 //! devices with real filesystems. A failed check prints the command, its
 //! stdout, stderr and result, so the failure explains itself.
 
+pub mod daemon;
 pub mod fixtures;
 pub mod forward_proxy;
 pub mod git_servers;

@@ -71,7 +71,10 @@ impl WorkerCmd {
         c.env_remove("http_proxy")
             .env_remove("HTTP_PROXY")
             .env_remove("https_proxy")
-            .env_remove("HTTPS_PROXY");
+            .env_remove("HTTPS_PROXY")
+            // The machine's CA bundle for AWS breaks S3 clients against the
+            // plain-http test servers.
+            .env_remove("AWS_CA_BUNDLE");
         for (k, v) in &self.envs {
             c.env(k, v);
         }
