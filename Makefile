@@ -12,7 +12,7 @@ IMAGE_REPO  ?= localhost/populator
 IMAGE_TAG   ?= dev
 export POPULATOR_BIN_DIR = $(CURDIR)/$(BIN_DIR)
 
-.PHONY: build static images test demo bench lint fmt deps clean
+.PHONY: build static images test demo bench lint fmt deps clean fuzz
 
 build static:
 	cargo build $(CARGO_FLAGS)
@@ -49,3 +49,8 @@ deps:
 
 clean:
 	cargo clean
+
+# Fuzzes each disk image parser for FUZZ_SECONDS (default 600) seconds
+# (nightly Rust and cargo-fuzz; see docs/reliability.md).
+fuzz:
+	scripts/fuzz.sh

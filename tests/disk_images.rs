@@ -204,8 +204,10 @@ fn stripe_noise(dev: &LoopDevice, size: u64) {
     file.sync_all().unwrap();
 }
 
-/// Each fixture: plain to a noisy loop device and to a directory, `.xz` to
-/// the device, `.gz` to a directory.
+/// Each fixture: plain and `.xz` to a noisy loop device, `.gz` to a
+/// directory (`disk.img`, sparse). Four imports of a 1 GiB disk per fixture
+/// cost minutes on a loaded machine; three cover both targets and both
+/// compressions.
 fn check_formats(test: &str, list: &[(&str, &str, &str)]) {
     require_root();
     let dir = test_dir(test);
@@ -216,7 +218,7 @@ fn check_formats(test: &str, list: &[(&str, &str, &str)]) {
         let plain = nginx().serve(&format!("{test}/{name}"), &f.image);
         let xz = nginx().serve(&format!("{test}/{name}.xz"), &compressed(&f.image, "xz"));
         let gz = nginx().serve(&format!("{test}/{name}.gz"), &compressed(&f.image, "gzip"));
-        for (url, to_device) in [(&plain, true), (&plain, false), (&xz, true), (&gz, false)] {
+        for (url, to_device) in [(&plain, true), (&xz, true), (&gz, false)] {
             let run = if to_device {
                 stripe_noise(&dev, device_size);
                 import(url, &dev.device).run()

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Benchmarks `http-import --content disk` against CDI's path: a qcow2 of
+# BENCH_VIRTUAL_GIB GiB virtual size with about 3/8 of it allocated (3 MiB of
+# random data in every 8 MiB), served by a loopback nginx, written to a loop
+# device (direct I/O) as raw:
+#
+#   http-import --content disk --target /dev/loopN           (ours, no scratch)
+#   curl -o t.qcow2 URL && qemu-img convert -O raw t.qcow2 /dev/loopN
+#                                                             (CDI's path: reference)
+#   qemu-img convert -O raw local.qcow2 /dev/loopN            (the floor: no network)
+#
+# Each case runs BENCH_RUNS times, interleaved, page cache dropped before each
+# run, the device discarded between runs; every output is compared with the
+# raw source. Prints a markdown table (median wall, ratio to CDI's path, peak
+# RSS, scratch bytes) and writes it to bench-out/disk.md.
+#
+# usage: scripts/bench-disk.sh BIN_DIR   (make bench-disk; root)
+#   BENCH_VIRTUAL_GIB=4   virtual size of the image
+#   BENCH_RUNS=3          runs per case
+#   BENCH_TMPDIR=/var/tmp where the data and the loop file live (not tmpfs)
+set -euo pipefail
+
+if [ "$#" -ne 1 ]; then
+  echo "usage: $0 BIN_DIR" >&2
+  exit 2
+fi
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=$(cd "$1" && pwd)/http-import
+virtual_gib=${BENCH_VIRTUAL_GIB:-4}
+runs=${BENCH_RUNS:-3}
+[ -x "$bin" ] || { echo "no $bin (run make static)" >&2; exit 1; }
+[ "$virtual_gib" -ge 1 ] && [ "$virtual_gib" -le 64 ] || { echo "BENCH_VIRTUAL_GIB must be 1..64" >&2; exit 2; }
+[ "$runs" -ge 1 ] && [ "$runs" -le 20 ] || { echo "BENCH_RUNS must be 1..20" >&2; exit 2; }
+[ "$(id -u)" -eq 0 ] || { echo "root is needed (loop device, drop_caches)" >&2; exit 1; }
+for tool in nginx curl qemu-img losetup blkdiscard cmp python3 /usr/bin/time; do
+  command -v "$tool" >/dev/null || { echo "$tool is missing: run scripts/install-test-deps.sh" >&2; exit 1; }
+done
+
+work=$(mktemp -d -p "${BENCH_TMPDIR:-/var/tmp}" populator-bench-disk.XXXXXX)
+chmod 755 "$work"
+nginx_pid=
+loopdev=
+cleanup() {
+  if [ -n "$nginx_pid" ]; then kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null || true; fi
+  if [ -n "$loopdev" ]; then losetup -d "$loopdev" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+cp "$bin" "$work/http-import"
+bin=$work/http-import
+revision=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
+
+# --- data -----------------------------------------------------------------
+virtual=$((virtual_gib << 30))
+mkdir -p "$work/www" "$work/scratch"
+log "making a $virtual_gib GiB raw disk, 3 MiB random in every 8 MiB"
+truncate -s "$virtual" "$work/source.raw"
+for ((mib = 0; mib < virtual_gib * 1024; mib += 8)); do
+  echo "$mib"
+done | while read -r mib; do
+  head -c 3M /dev/urandom | dd of="$work/source.raw" bs=1M seek="$mib" conv=notrunc status=none
+done
+qemu-img convert -f raw -O qcow2 "$work/source.raw" "$work/www/t.qcow2"
+chmod 644 "$work/www/t.qcow2"
+qcow2_bytes=$(stat -c %s "$work/www/t.qcow2")
+log "qcow2: $((qcow2_bytes >> 20)) MiB"
+
+# --- nginx and the loop device ---------------------------------------------
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
+cat > "$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+error_log $work/nginx/logs/error.log warn;
+pid $work/nginx/nginx.pid;
+events { worker_connections 64; }
+http {
+    default_type application/octet-stream;
+    access_log off;
+    sendfile on;
+    client_body_temp_path $work/nginx/tmp/body;
+    proxy_temp_path $work/nginx/tmp/proxy;
+    fastcgi_temp_path $work/nginx/tmp/fastcgi;
+    uwsgi_temp_path $work/nginx/tmp/uwsgi;
+    scgi_temp_path $work/nginx/tmp/scgi;
+    server { listen 127.0.0.1:$port; root $work/www; }
+}
+EOF
+nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>"$work/nginx/logs/stderr.log" &
+nginx_pid=$!
+url=http://127.0.0.1:$port/t.qcow2
+for ((i = 0; i < 50; i++)); do
+  curl -sfI "$url" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -sfI "$url" >/dev/null || { echo "nginx did not come up" >&2; exit 1; }
+truncate -s "$((virtual + (64 << 20)))" "$work/loop.img"
+loopdev=$(losetup -f --show --direct-io=on "$work/loop.img")
+log "nginx on $url, loop device $loopdev"
+
+# --- cases ----------------------------------------------------------------
+declare -A label cmd
+order=(ours cdi floor)
+label[ours]="http-import --content disk --target /dev/loopN"
+cmd[ours]="$bin --progress none --retries 0 --content disk --url $url --target $loopdev --termination-log $work/result.json"
+label[cdi]="curl -o t.qcow2 URL && qemu-img convert -O raw t.qcow2 /dev/loopN"
+cmd[cdi]="curl -s -o $work/scratch/t.qcow2 $url && qemu-img convert -f qcow2 -O raw $work/scratch/t.qcow2 $loopdev"
+label[floor]="qemu-img convert -O raw local.qcow2 /dev/loopN (no network)"
+cmd[floor]="qemu-img convert -f qcow2 -O raw $work/www/t.qcow2 $loopdev"
+declare -A scratch=([ours]=0 [cdi]=$qcow2_bytes [floor]=0)
+
+results=$work/results.tsv
+: > "$results"
+for ((run = 1; run <= runs; run++)); do
+  for id in "${order[@]}"; do
+    rm -f "$work/scratch/t.qcow2" "$work/result.json"
+    blkdiscard "$loopdev" 2>/dev/null || true
+    sync
+    echo 3 > /proc/sys/vm/drop_caches
+    if [[ ${cmd[$id]} == "$bin "* ]]; then
+      read -r -a argv <<< "${cmd[$id]}"
+    else
+      argv=(bash -c "${cmd[$id]}")
+    fi
+    status=ok
+    if ! timeout 1200 /usr/bin/time -f '%e %M %U %S' -o "$work/time.txt" "${argv[@]}" > "$work/run.log" 2>&1; then
+      status=failed
+      sed 's/^/    /' "$work/run.log" >&2
+    elif ! cmp -s -n "$virtual" "$work/source.raw" "$loopdev"; then
+      status="wrong output"
+    fi
+    read -r wall rss_kib user sys < <(tail -n 1 "$work/time.txt") || true
+    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$run" "$wall" "$rss_kib" "$cpu" "$status" >> "$results"
+    log "run $run $id: $wall s, $((rss_kib / 1024)) MiB peak RSS, $cpu s CPU, $status"
+  done
+done
+
+# --- report ---------------------------------------------------------------
+report=$root/bench-out/disk.md
+mkdir -p "$(dirname "$report")"
+{
+  echo "# disk image benchmark (http-import --content disk)"
+  echo
+  echo "- $(date -u +%Y-%m-%dT%H:%MZ), $("$bin" --version) (source $revision), $(qemu-img --version | head -n 1)"
+  echo "- machine: $(nproc) CPUs, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM; load average before: $load_start, after: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "- image: qcow2, $virtual_gib GiB virtual, $((qcow2_bytes >> 20)) MiB file; target: loop device (direct I/O); $runs runs per case, medians"
+  echo
+  python3 - "$results" "${scratch[ours]}" "${scratch[cdi]}" "${scratch[floor]}" \
+    "${label[ours]}" "${label[cdi]}" "${label[floor]}" <<'PY'
+import statistics, sys
+from collections import defaultdict
+results = sys.argv[1]
+scratch = dict(zip(["ours", "cdi", "floor"], map(int, sys.argv[2:5])))
+labels = dict(zip(["ours", "cdi", "floor"], sys.argv[5:8]))
+wall, rss, cpu, failed = (defaultdict(list) for _ in range(4))
+for line in open(results):
+    id_, _run, w, r, c, status = line.rstrip("\n").split("\t")
+    if status == "ok":
+        wall[id_].append(float(w)); rss[id_].append(int(r) / 1024); cpu[id_].append(float(c))
+    else:
+        failed[id_].append(status)
+med = {k: statistics.median(v) for k, v in wall.items()}
+print("| case | median wall s | ratio vs CDI's path | peak RSS MiB | CPU s | scratch bytes | failed runs |")
+print("|---|---:|---:|---:|---:|---:|---|")
+for id_ in ["ours", "cdi", "floor"]:
+    if id_ not in med:
+        print(f"| `{labels[id_]}` | — | — | — | — | {scratch[id_]} | {len(failed[id_])} |")
+        continue
+    ratio = f"{med[id_] / med['cdi']:.2f}" if "cdi" in med else "—"
+    print(f"| `{labels[id_]}` | {med[id_]:.2f} | {ratio} | {statistics.median(rss[id_]):.1f} | {statistics.median(cpu[id_]):.2f} | {scratch[id_]} | {len(failed[id_])} |")
+print()
+if "ours" in med and "cdi" in med:
+    r = med["ours"] / med["cdi"]
+    print(f"Goal: ours ÷ CDI's path ≤ 0.5×: {r:.2f}× ({'met' if r <= 0.5 else 'MISSED'}); "
+          f"peak RSS ≤ 64 MiB: {statistics.median(rss['ours']):.1f} MiB "
+          f"({'met' if statistics.median(rss['ours']) <= 64 else 'MISSED'}); scratch: 0 bytes.")
+if "ours" in med and "floor" in med:
+    print(f"Against the local floor (qemu-img convert of a local file): {med['ours'] / med['floor']:.2f}×.")
+PY
+} > "$report"
+cat "$report"
+log "written to $report"
