@@ -282,8 +282,11 @@ fn git_daemon_file_and_tls_transports() {
     );
     let file_url = format!("file://{}", bare("main.git").display());
     // libgit2's local transport fetches file:// in full, whatever --depth says.
-    let run = check_ref(&file_url, "main", &r.c4, "0", "file-main");
-    run.stderr_contains("fetched in full");
+    check_ref(&file_url, "main", &r.c4, "0", "file-main");
+    let dir = test_dir("file-depth-1");
+    let run = clone(&file_url, &dir).run();
+    run.success().stderr_contains("fetched in full");
+    assert_same_tree(&archive_of(&bare("main.git"), &r.c4), &dir, &run);
     check_ref(&file_url, &r.c2, &r.c2, "0", "file-full-sha");
 
     let server = git_http();
