@@ -198,7 +198,7 @@ fn refuse(conn: &mut Conn, kind: &str, message: &str) {
         Frame::Error,
         &json!({ "kind": kind, "message": message }),
     );
-    let _ = conn.conn.send_close_notify();
+    conn.conn.send_close_notify();
     let _ = conn.flush();
 }
 
