@@ -414,3 +414,301 @@ fn a_killed_copy_resumes_when_run_again() {
     );
     assert_rsync_identical(src.mount_point(), dst.mount_point(), &run);
 }
+
+// ---- Network mode: sender and receiver in two namespaces joined by a veth pair.
+
+use populator_tests::netns::NetnsPair;
+use populator_tests::run::Spawned;
+use populator_tests::tcpproxy::TcpProxy;
+
+const PORT: u16 = 9443;
+const TOKEN: &str = "s3cret-token-for-tests";
+
+fn token_file(dir: &Path, value: &str) -> PathBuf {
+    let path = dir.join(format!("token-{}", value.len()));
+    std::fs::write(&path, format!("{value}\n")).unwrap();
+    path
+}
+
+fn receive_cmd(net: &NetnsPair, dir: &Path, target: &Path) -> WorkerCmd {
+    worker("pvc-copy")
+        .in_netns(&net.a)
+        .arg("receive")
+        .args(["--listen", &format!("{}:{PORT}", net.addr_a)])
+        .arg("--target")
+        .arg(target)
+        .arg("--token-file")
+        .arg(token_file(dir, TOKEN))
+        .args(["--progress", "log", "--progress-interval", "0.2"])
+}
+
+fn send_cmd(net: &NetnsPair, dir: &Path, source: &Path, to: &str, fingerprint: &str) -> WorkerCmd {
+    worker("pvc-copy")
+        .in_netns(&net.b)
+        .arg("send")
+        .arg("--source")
+        .arg(source)
+        .args(["--to", to, "--server-fingerprint", fingerprint])
+        .arg("--token-file")
+        .arg(token_file(dir, TOKEN))
+        .args(["--progress", "none", "--retry-backoff", "0.2"])
+}
+
+/// Starts a receiver and reads its certificate fingerprint from its log.
+fn start_receiver(cmd: &WorkerCmd) -> (Spawned<'_>, String) {
+    use std::io::{BufRead, BufReader};
+    let mut spawned = cmd.spawn();
+    let stderr = spawned.child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let fingerprint = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("the receiver ended early: {seen:?}"))
+            .unwrap();
+        if let Some(rest) = line.split("fingerprint ").nth(1) {
+            break rest.split(' ').next().unwrap().to_string();
+        }
+        seen.push(line);
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    wait_listening(cmd);
+    (spawned, fingerprint)
+}
+
+fn wait_listening(_cmd: &WorkerCmd) {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn network_tree_and_block_arrive_identical_between_namespaces() {
+    require_root();
+    let dir = test_dir("net-basic");
+    let net = NetnsPair::new();
+    let src = volume(&dir, "src", GIB, Fs::Ext4);
+    let dst = volume(&dir, "dst", GIB, Fs::Xfs);
+    make_tree(src.mount_point());
+    let to = format!("{}:{PORT}", net.addr_a);
+
+    let recv = receive_cmd(&net, &dir, dst.mount_point());
+    let (receiver, fp) = start_receiver(&recv);
+    let send = send_cmd(&net, &dir, src.mount_point(), &to, &fp)
+        .args(["--streams", "4", "--compress", "zstd"])
+        .run();
+    let received = receiver.wait();
+    send.success();
+    received.code(0);
+    let digest = send.result()["digests"]["tree"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        received.result()["digests"]["tree"].as_str(),
+        Some(&*digest)
+    );
+    assert_rsync_identical(src.mount_point(), dst.mount_point(), &send);
+    for sparse in ["sparse", "all-hole"] {
+        assert!(blocks(&dst.mount_point().join(sparse)) <= blocks(&src.mount_point().join(sparse)));
+    }
+    assert!(!dst.mount_point().join(".pvc-copy-state").exists());
+
+    // A block device: 256 MiB, half zeros, onto a device full of noise.
+    let image = dir.join("half-zero.img");
+    mostly_zero_file(&image, 256 * MIB, 2, 21);
+    let dev = LoopDevice::new(&dir, "blk", 256 * MIB);
+    dev.fill_random();
+    let recv = receive_cmd(&net, &dir, &dev.device);
+    let (receiver, fp) = start_receiver(&recv);
+    let send = send_cmd(&net, &dir, &image, &to, &fp).run();
+    let received = receiver.wait();
+    send.success();
+    received.code(0);
+    assert_eq!(received.result()["target"]["kind"], "block");
+    cmp_equal(&image, &dev.device, 256 * MIB);
+}
+
+#[test]
+fn network_wrong_token_and_wrong_fingerprint_are_refused() {
+    require_root();
+    let dir = test_dir("net-auth");
+    let net = NetnsPair::new();
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("file"), "data").unwrap();
+    let dst = dir.join("dst");
+    std::fs::create_dir_all(&dst).unwrap();
+    let to = format!("{}:{PORT}", net.addr_a);
+    let recv = receive_cmd(&net, &dir, &dst);
+    let (receiver, fp) = start_receiver(&recv);
+
+    let wrong = worker("pvc-copy")
+        .in_netns(&net.b)
+        .arg("send")
+        .arg("--source")
+        .arg(&src)
+        .args([
+            "--to",
+            &to,
+            "--server-fingerprint",
+            &fp,
+            "--progress",
+            "none",
+        ])
+        .arg("--token-file")
+        .arg(token_file(&dir, "not-the-token"))
+        .run();
+    wrong
+        .code(5)
+        .reason("Unauthorized")
+        .message_contains("wrong token");
+    wrong.never_shows(TOKEN);
+    assert_eq!(
+        std::fs::read_dir(&dst).unwrap().count(),
+        0,
+        "something was written{}",
+        wrong.dump()
+    );
+
+    let mut bad_fp = fp.clone();
+    bad_fp.replace_range(0..2, if fp.starts_with("00") { "11" } else { "00" });
+    let untrusted = send_cmd(&net, &dir, &src, &to, &bad_fp).run();
+    untrusted
+        .code(5)
+        .reason("UntrustedServer")
+        .message_contains("fingerprint");
+    assert_eq!(std::fs::read_dir(&dst).unwrap().count(), 0);
+
+    // The receiver still waits for the right sender, and then exits.
+    let good = send_cmd(&net, &dir, &src, &to, &fp).run();
+    good.success();
+    receiver.wait().code(0);
+    assert_eq!(std::fs::read_to_string(dst.join("file")).unwrap(), "data");
+}
+
+#[test]
+fn network_cut_connection_resumes_and_arrives_identical() {
+    require_root();
+    let dir = test_dir("net-cut");
+    let net = NetnsPair::new();
+    let image = dir.join("random.img");
+    random_file(&image, 192 * MIB, 31);
+    let dev = LoopDevice::new(&dir, "blk", 192 * MIB);
+    dev.fill_random();
+    let upstream: std::net::SocketAddr = format!("{}:{PORT}", net.addr_a).parse().unwrap();
+    let proxy = TcpProxy::start(Some(&net.b), "127.0.0.1:0".parse().unwrap(), upstream);
+    proxy.cut_after(64 * MIB);
+    let recv = receive_cmd(&net, &dir, &dev.device);
+    let (receiver, fp) = start_receiver(&recv);
+    let send = send_cmd(&net, &dir, &image, &proxy.addr.to_string(), &fp).run();
+    let received = receiver.wait();
+    send.success();
+    received.code(0);
+    assert_eq!(
+        proxy.cuts(),
+        1,
+        "the proxy never cut the transfer{}",
+        send.dump()
+    );
+    assert!(
+        send.result()["resumes"].as_u64().unwrap() >= 1,
+        "{}",
+        send.dump()
+    );
+    assert!(
+        received.result()["resumedItems"].as_u64().unwrap() > 0,
+        "the receiver resumed nothing{}",
+        received.dump()
+    );
+    cmp_equal(&image, &dev.device, 192 * MIB);
+}
+
+#[test]
+fn network_receiver_killed_and_restarted_resumes() {
+    require_root();
+    let dir = test_dir("net-restart");
+    let net = NetnsPair::new();
+    let src = volume(&dir, "src", GIB, Fs::Ext4);
+    let dst = volume(&dir, "dst", GIB, Fs::Ext4);
+    for i in 0..16 {
+        random_file(
+            &src.mount_point().join(format!("part{i:02}")),
+            16 * MIB,
+            200 + i,
+        );
+    }
+    sh(&format!(
+        "mkdir {0}/d && echo x > {0}/d/f && ln {0}/d/f {0}/hl",
+        src.mount_point().display()
+    ));
+    let ca = populator_tests::tls::make_ca(&dir.join("tls"));
+    let upstream: std::net::SocketAddr = format!("{}:{PORT}", net.addr_a).parse().unwrap();
+    // Slow enough to kill the receiver halfway: 256 MiB at 40 MB/s.
+    let proxy = TcpProxy::start(Some(&net.b), "127.0.0.1:0".parse().unwrap(), upstream);
+    proxy.throttle(40_000_000);
+    let recv = receive_cmd(&net, &dir, dst.mount_point())
+        .arg("--tls-cert-file")
+        .arg(&ca.server_cert)
+        .arg("--tls-key-file")
+        .arg(&ca.server_key)
+        .args(["--commit-interval", "0.2"]);
+    let (first, _) = start_receiver(&recv);
+    let send_cmd = worker("pvc-copy")
+        .in_netns(&net.b)
+        .arg("send")
+        .arg("--source")
+        .arg(src.mount_point())
+        .args([
+            "--to",
+            &proxy.addr.to_string(),
+            "--tls-server-name",
+            "localhost",
+            "--ca-file",
+        ])
+        .arg(&ca.ca_cert)
+        .arg("--token-file")
+        .arg(token_file(&dir, TOKEN))
+        .args([
+            "--progress",
+            "none",
+            "--retry-backoff",
+            "0.5",
+            "--streams",
+            "2",
+        ]);
+    let sender = send_cmd.spawn();
+    // Kill the receiver once its journal records finished files.
+    let journal = dst.mount_point().join(".pvc-copy-state/done");
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(60)
+        && !std::fs::read(&journal)
+            .is_ok_and(|b| b.iter().map(|x| x.count_ones()).sum::<u32>() >= 3)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.signal(libc::SIGKILL);
+    let killed = first.wait();
+    assert_eq!(
+        killed.code,
+        128 + libc::SIGKILL,
+        "the receiver was not killed mid-transfer{}",
+        killed.dump()
+    );
+    proxy.throttle(0);
+    let (second, _) = start_receiver(&recv);
+    let sent = sender.wait();
+    let received = second.wait();
+    sent.success();
+    received.code(0);
+    assert!(
+        received.result()["resumedItems"].as_u64().unwrap() >= 3,
+        "{}",
+        received.dump()
+    );
+    assert!(
+        sent.result()["resumes"].as_u64().unwrap() >= 1,
+        "{}",
+        sent.dump()
+    );
+    assert_rsync_identical(src.mount_point(), dst.mount_point(), &sent);
+}

@@ -8,9 +8,11 @@ pub mod fixtures;
 pub mod forward_proxy;
 pub mod git_servers;
 pub mod loopdev;
+pub mod netns;
 pub mod nginx;
 pub mod proxy;
 pub mod run;
+pub mod tcpproxy;
 pub mod tls;
 
 use std::path::PathBuf;

@@ -63,8 +63,8 @@ pub struct ChunkWriter<'a> {
 }
 
 const WINDOW: u64 = 64 << 20;
-/// Zero detection grain inside a data chunk.
-const GRAIN: usize = 64 << 10;
+/// Zero detection grain inside a data chunk: a page, the smallest hole.
+const GRAIN: usize = 4096;
 
 impl<'a> ChunkWriter<'a> {
     pub fn new(file: &'a File, zeroing: Zeroing) -> Self {
@@ -79,10 +79,15 @@ impl<'a> ChunkWriter<'a> {
         }
     }
 
-    /// For writers of a few chunks at scattered offsets (network streams).
-    pub fn without_writeback(mut self) -> Self {
+    /// Writes one chunk and its zero regions, nothing left pending: for
+    /// chunks that arrive at scattered offsets (network streams).
+    pub fn write_chunk(mut self, start: u64, data: &[u8]) -> io::Result<()> {
         self.writeback = false;
-        self
+        self.data(start, data)?;
+        match self.zero_run.take() {
+            Some(run) => self.flush_zeros(run),
+            None => Ok(()),
+        }
     }
 
     pub fn zero(&mut self, start: u64, len: u64) -> io::Result<()> {

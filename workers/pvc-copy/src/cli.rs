@@ -180,6 +180,16 @@ pub struct ReceiveArgs {
     )]
     pub tls_key_file: Option<PathBuf>,
 
+    /// Seconds between making the progress durable (flush, then journal):
+    /// what a restarted receiver can skip.
+    #[arg(
+        long,
+        env = "POPULATOR_COMMIT_INTERVAL",
+        default_value_t = 2.0,
+        value_name = "SECONDS"
+    )]
+    pub commit_interval: f64,
+
     /// Give up when no sender has connected for this many seconds (0: wait forever).
     #[arg(
         long,

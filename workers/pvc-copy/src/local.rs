@@ -150,7 +150,7 @@ fn copy_tree(src: &Path, target: &Target, args: &LocalArgs, ctx: &Context) -> Re
     }
     check_tree_fits(src, target)?;
     let state = dst.join(STATE_DIR);
-    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    crate::tree::create_state_dir(&state)?;
     std::fs::write(state.join("source"), src.as_os_str().as_encoded_bytes())
         .with_context(|| format!("writing {}", state.display()))?;
     if resuming {

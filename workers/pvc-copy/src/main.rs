@@ -8,6 +8,7 @@ mod digest;
 mod filecopy;
 mod local;
 mod meta;
+mod net;
 mod tree;
 mod walk;
 
@@ -18,6 +19,20 @@ fn main() -> std::process::ExitCode {
         .as_deref()
         .and_then(|a| a.to_str())
     {
+        Some("send") => populator_core::Worker {
+            name: "pvc-copy",
+            version,
+            common: |a: &cli::SendArgs| &a.common,
+            run: net::send::run,
+        }
+        .main(),
+        Some("receive") => populator_core::Worker {
+            name: "pvc-copy",
+            version,
+            common: |a: &cli::ReceiveArgs| &a.common,
+            run: net::receive::run,
+        }
+        .main(),
         _ => populator_core::Worker {
             name: "pvc-copy",
             version,

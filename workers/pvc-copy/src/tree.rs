@@ -315,3 +315,13 @@ pub fn preserve_for(no_chown: bool, owner: Option<(u32, u32)>) -> Preserve {
         root,
     }
 }
+
+/// The resume state directory, private to the worker.
+pub fn create_state_dir(state: &Path) -> Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(state) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            Err(e).with_context(|| format!("creating {}", state.display()))
+        }
+        _ => Ok(()),
+    }
+}
