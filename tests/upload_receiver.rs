@@ -682,6 +682,22 @@ fn a_declared_size_over_capacity_is_413_and_exit_4() {
     let run = child.wait();
     assert_eq!(answer.status, 413, "{}{}", answer.body, run.dump());
     run.code(4).reason("InsufficientCapacity");
+
+    // A form declares no file size: the volume runs out while writing.
+    let fs = LoopDevice::with_fs(&dir, "small", 24 * MIB, Fs::Ext4);
+    let (cmd, port) = receiver(fs.mount_point());
+    let child = start(&cmd, port);
+    let answer = curl(&[
+        "-H",
+        &bearer(),
+        "-F",
+        &format!("file=@{}", data.display()),
+        &url(port, "/v1beta1/upload-form"),
+    ]);
+    let run = child.wait();
+    assert_eq!(answer.status, 507, "{}{}", answer.body, run.dump());
+    run.code(4);
+    assert_no_upload_left(fs.mount_point(), &run);
 }
 
 const STALLING_CLIENT: &str = r#"

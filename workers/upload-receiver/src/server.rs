@@ -122,6 +122,9 @@ pub fn completed() -> Reply {
     )
 }
 
+/// Bytes read from a socket at once.
+const SOCKET_READ_BUFFER: usize = 256 * 1024;
+
 pub struct ServerOptions {
     pub listen: SocketAddr,
     pub tls: Arc<rustls::ServerConfig>,
@@ -204,6 +207,9 @@ async fn accept_loop(
         let handshake_timeout = options.header_read_timeout;
         tokio::spawn(async move {
             let _slot = slot;
+            // rustls asks the socket for 4 KiB at a time: read it in large
+            // pieces instead, one syscall per many TLS records.
+            let tcp = tokio::io::BufReader::with_capacity(SOCKET_READ_BUFFER, tcp);
             let Ok(Ok(tls)) = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
             else {
                 return;

@@ -84,7 +84,7 @@ impl Runner<'_> {
         } = upload;
         let mut reply = Some(reply);
         if let Err(e) = self.check_declared(content_length, form_boundary.is_some()) {
-            answer(&mut reply, failure_reply(&classify(&e)));
+            answer(&mut reply, too_large(&e));
             return Err(e);
         }
         let mut spec = self.spec.clone();
@@ -258,7 +258,7 @@ impl Runner<'_> {
             .target
             .check_fits(session.length, "the declared upload")
         {
-            answer(&mut session.created, failure_reply(&classify(&e)));
+            answer(&mut session.created, too_large(&e));
             return Err(e);
         }
         // The state is saved on creation, so that a restarted receiver knows
@@ -555,8 +555,8 @@ pub fn failure_reply(c: &Classified) -> Reply {
         (_, "ChecksumMismatch") => StatusCode::BAD_REQUEST,
         (_, "BadRequest") => StatusCode::BAD_REQUEST,
         (Kind::Integrity, _) => StatusCode::BAD_REQUEST,
-        (_, "NoSpaceLeft") => StatusCode::INSUFFICIENT_STORAGE,
-        (Kind::Capacity, _) => StatusCode::PAYLOAD_TOO_LARGE,
+        // Found while writing: the declared size fitted, or none was given.
+        (Kind::Capacity, _) => StatusCode::INSUFFICIENT_STORAGE,
         (_, "ClientStalled") => StatusCode::REQUEST_TIMEOUT,
         (_, "ClientDisconnected") => StatusCode::BAD_REQUEST,
         (Kind::Terminated, _) | (_, "DeadlinePassed") => StatusCode::SERVICE_UNAVAILABLE,
@@ -577,5 +577,12 @@ fn patch_checksum_mismatch(offset: u64, mismatch: &str) -> anyhow::Error {
 fn tus_checksum_reply(e: &anyhow::Error) -> Reply {
     let mut reply = failure_reply(&classify(e));
     reply.status = StatusCode::from_u16(460).expect("a valid status");
+    reply
+}
+
+/// A declared size over capacity, refused before any byte is read.
+fn too_large(e: &anyhow::Error) -> Reply {
+    let mut reply = failure_reply(&classify(e));
+    reply.status = StatusCode::PAYLOAD_TOO_LARGE;
     reply
 }
