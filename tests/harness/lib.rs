@@ -3,11 +3,16 @@
 //! devices with real filesystems. A failed check prints the command, its
 //! stdout, stderr and result, so the failure explains itself.
 
+pub mod daemon;
 pub mod fixtures;
+pub mod forward_proxy;
+pub mod git_servers;
 pub mod loopdev;
+pub mod netns;
 pub mod nginx;
 pub mod proxy;
 pub mod run;
+pub mod tcpproxy;
 pub mod tls;
 
 use std::path::PathBuf;

@@ -172,6 +172,8 @@ impl Extractor<'_> {
                     Err(_) => fs::create_dir(&dst)
                         .with_context(|| format!("creating directory {}", dst.display()))?,
                 }
+                // Xattrs now; modes, owners and times once the tree is complete.
+                apply_xattrs(entry, &dst);
                 self.summary.directories.push(DirMeta { path: rel, meta });
                 return Ok(());
             }
@@ -179,6 +181,7 @@ impl Extractor<'_> {
                 self.clear(&dst, &rel)?;
                 self.write_file(entry, &dst, sparse.as_ref())?;
                 self.summary.files += 1;
+                self.progress.add_file_done();
             }
             T::Symlink => {
                 let target = entry

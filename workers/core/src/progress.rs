@@ -37,6 +37,10 @@ pub struct Progress {
     /// Set when `done` counts produced bytes (a converted disk image) rather
     /// than source bytes: the source's own `advance`/`set_total` are ignored.
     counts_output: AtomicBool,
+    /// Files finished, and how many there will be (0: unknown), for workers
+    /// that produce many files (archives, backups).
+    files_done: AtomicU64,
+    files_total: AtomicU64,
     pub started: Instant,
 }
 
@@ -51,6 +55,8 @@ impl Default for Progress {
             high_water: AtomicU64::new(0),
             succeeded: AtomicBool::new(false),
             counts_output: AtomicBool::new(false),
+            files_done: AtomicU64::new(0),
+            files_total: AtomicU64::new(0),
             started: Instant::now(),
         }
     }
@@ -121,6 +127,24 @@ impl Progress {
 
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written.load(Ordering::Relaxed)
+    }
+
+    /// The number of files the run will produce, when known.
+    pub fn set_files_total(&self, total: Option<u64>) {
+        self.files_total
+            .store(total.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn add_file_done(&self) {
+        self.files_done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn files_done(&self) -> u64 {
+        self.files_done.load(Ordering::Relaxed)
+    }
+
+    pub fn files_total(&self) -> Option<u64> {
+        Some(self.files_total.load(Ordering::Relaxed)).filter(|&t| t > 0)
     }
 
     pub fn mark_succeeded(&self) {
@@ -258,6 +282,8 @@ fn render_line(progress: &Progress, json: bool, bps: f64) -> String {
             "totalBytes": total,
             "bytesPerSecond": bps.round(),
             "etaSeconds": eta.map(f64::round),
+            "files": progress.files_done(),
+            "totalFiles": progress.files_total(),
         })
         .to_string();
     }
@@ -268,6 +294,12 @@ fn render_line(progress: &Progress, json: bool, bps: f64) -> String {
     line.push_str(&format!(" {}", short_bytes(done)));
     if let Some(t) = total {
         line.push_str(&format!(" of {}", short_bytes(t)));
+    }
+    let files = progress.files_done();
+    match progress.files_total() {
+        Some(t) => line.push_str(&format!(", {files} of {t} files")),
+        None if files > 0 => line.push_str(&format!(", {files} files")),
+        None => {}
     }
     line.push_str(&format!(" at {}/s", short_bytes(bps as u64)));
     if let Some(e) = eta {

@@ -1,0 +1,313 @@
+//! Block → block, block → image file, image file → block: 4 MiB aligned
+//! chunks read by one thread and written by another, holes of an image file
+//! never read, zero chunks never written as data (BLKZEROOUT on a device,
+//! holes in a fresh image file), the device digest hashed on a third thread
+//! from the same buffers.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use crossbeam_channel::bounded;
+use populator_core::cancel::CancelToken;
+use populator_core::progress::Progress;
+
+use crate::digest::{chunk_count, chunk_hash, chunk_len, combine, is_zero, zero_hash, Hash, CHUNK};
+use crate::filecopy::data_segments;
+
+/// One chunk as read: data, or known zeros.
+pub enum Chunk {
+    Data(Arc<Vec<u8>>),
+    Zero,
+}
+
+/// Reads chunk `index` of `src`; `segments` are its data ranges (holes are
+/// zeros without reading).
+pub fn read_chunk(
+    src: &File,
+    size: u64,
+    index: u64,
+    segments: &[(u64, u64)],
+    buf: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let (start, len) = (index * CHUNK, chunk_len(size, index));
+    if !segments.iter().any(|&(a, b)| a < start + len && b > start) {
+        return Ok(false);
+    }
+    buf.resize(len as usize, 0);
+    src.read_exact_at(buf, start)?;
+    Ok(!is_zero(buf))
+}
+
+/// Where zero chunks go on the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Zeroing {
+    /// A fresh (truncated) file: skipping leaves a hole.
+    Skip,
+    /// A device or existing file: BLKZEROOUT, else punch a hole, else write zeros.
+    Explicit,
+}
+
+/// Writes chunks at their offsets, merging zero runs into one request.
+pub struct ChunkWriter<'a> {
+    pub file: &'a File,
+    pub zeroing: Zeroing,
+    zero_run: Option<(u64, u64)>,
+    flushed_to: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    writeback: bool,
+}
+
+const WINDOW: u64 = 64 << 20;
+/// Zero detection grain inside a data chunk: a page, the smallest hole.
+const GRAIN: usize = 4096;
+
+impl<'a> ChunkWriter<'a> {
+    pub fn new(file: &'a File, zeroing: Zeroing) -> Self {
+        Self {
+            file,
+            zeroing,
+            zero_run: None,
+            flushed_to: 0,
+            data_bytes: 0,
+            zero_bytes: 0,
+            writeback: true,
+        }
+    }
+
+    /// Writes one chunk and its zero regions, nothing left pending: for
+    /// chunks that arrive at scattered offsets (network streams).
+    pub fn write_chunk(mut self, start: u64, data: &[u8]) -> io::Result<()> {
+        self.writeback = false;
+        self.data(start, data)?;
+        match self.zero_run.take() {
+            Some(run) => self.flush_zeros(run),
+            None => Ok(()),
+        }
+    }
+
+    pub fn zero(&mut self, start: u64, len: u64) -> io::Result<()> {
+        self.zero_bytes += len;
+        self.zero_run = match self.zero_run {
+            Some((s, l)) if s + l == start => Some((s, l + len)),
+            Some(run) => {
+                self.flush_zeros(run)?;
+                Some((start, len))
+            }
+            None => Some((start, len)),
+        };
+        Ok(())
+    }
+
+    /// Writes a chunk; its zero regions (at a 64 KiB grain) go the cheap way.
+    pub fn data(&mut self, start: u64, data: &[u8]) -> io::Result<()> {
+        let mut at = 0;
+        while at < data.len() {
+            let zero = is_zero(&data[at..(at + GRAIN).min(data.len())]);
+            let mut end = (at + GRAIN).min(data.len());
+            while end < data.len() && is_zero(&data[end..(end + GRAIN).min(data.len())]) == zero {
+                end = (end + GRAIN).min(data.len());
+            }
+            let offset = start + at as u64;
+            if zero {
+                self.zero(offset, (end - at) as u64)?;
+            } else {
+                if let Some(run) = self.zero_run.take() {
+                    self.flush_zeros(run)?;
+                }
+                self.file.write_all_at(&data[at..end], offset)?;
+                self.data_bytes += (end - at) as u64;
+            }
+            at = end;
+        }
+        self.writeback(start + data.len() as u64);
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> io::Result<()> {
+        if let Some(run) = self.zero_run.take() {
+            self.flush_zeros(run)?;
+        }
+        self.file.sync_data()
+    }
+
+    fn flush_zeros(&mut self, (start, len): (u64, u64)) -> io::Result<()> {
+        if self.zeroing == Zeroing::Skip {
+            return Ok(());
+        }
+        zero_range(self.file, start, len)
+    }
+
+    /// Starts writeback behind the writer and waits for the window before
+    /// it, so dirty pages stay bounded (a pod's memory limit counts them).
+    fn writeback(&mut self, upto: u64) {
+        if !self.writeback {
+            return;
+        }
+        let fd = self.file.as_raw_fd();
+        while upto >= self.flushed_to + WINDOW {
+            let start = self.flushed_to;
+            // SAFETY: plain syscalls on a valid descriptor; failures only cost memory.
+            unsafe {
+                libc::sync_file_range(fd, start as i64, WINDOW as i64, libc::SYNC_FILE_RANGE_WRITE);
+                if start >= WINDOW {
+                    let prev = (start - WINDOW) as i64;
+                    libc::sync_file_range(
+                        fd,
+                        prev,
+                        WINDOW as i64,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                            | libc::SYNC_FILE_RANGE_WRITE
+                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                    );
+                    libc::posix_fadvise(fd, prev, WINDOW as i64, libc::POSIX_FADV_DONTNEED);
+                }
+            }
+            self.flushed_to += WINDOW;
+        }
+    }
+}
+
+/// Makes [start, start+len) read as zeros at the least cost: BLKZEROOUT on a
+/// device, a punched hole in a file, else written zeros.
+pub fn zero_range(file: &File, start: u64, len: u64) -> io::Result<()> {
+    const BLKZEROOUT: libc::c_ulong = 0x127f;
+    let aligned = len & !511;
+    if start % 512 == 0 && aligned > 0 {
+        let range: [u64; 2] = [start, aligned];
+        // SAFETY: BLKZEROOUT reads two u64 from the pointer.
+        if unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } == 0 {
+            return write_zeros(file, start + aligned, len - aligned);
+        }
+    }
+    // SAFETY: fallocate on a valid descriptor.
+    let punched = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            start as i64,
+            len as i64,
+        )
+    };
+    if punched == 0 {
+        return Ok(());
+    }
+    write_zeros(file, start, len)
+}
+
+fn write_zeros(file: &File, mut start: u64, mut len: u64) -> io::Result<()> {
+    static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], start)?;
+        start += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// What a block copy did.
+pub struct BlockOutcome {
+    pub digest: Hash,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+}
+
+/// Copies `size` bytes of `src` onto `dst`; returns the device digest of
+/// what was read.
+pub fn copy_device(
+    src: &File,
+    src_is_file: bool,
+    size: u64,
+    dst: &File,
+    zeroing: Zeroing,
+    progress: &Progress,
+    cancel: &CancelToken,
+) -> Result<BlockOutcome> {
+    let segments = if src_is_file {
+        data_segments(src, size, 0).context("finding the data regions of the source")?
+    } else {
+        vec![(0, size)]
+    };
+    // SAFETY: an advisory call on a valid descriptor.
+    unsafe { libc::posix_fadvise(src.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    let count = chunk_count(size);
+    let (to_writer, from_reader) = bounded::<(u64, Chunk)>(3);
+    let (to_hasher, from_writer) = bounded::<(u64, Arc<Vec<u8>>)>(3);
+    let (recycle, recycled) = bounded::<Vec<u8>>(8);
+    let mut hashes: Vec<Hash> = (0..count).map(|i| zero_hash(chunk_len(size, i))).collect();
+    let mut writer = ChunkWriter::new(dst, zeroing);
+    let (read_result, write_result) = std::thread::scope(|s| {
+        let reader = s.spawn(move || -> Result<()> {
+            let mut spare: Option<Vec<u8>> = None;
+            for i in 0..count {
+                cancel.check()?;
+                let mut buf = spare
+                    .take()
+                    .or_else(|| recycled.try_recv().ok())
+                    .unwrap_or_default();
+                let has_data = read_chunk(src, size, i, &segments, &mut buf)
+                    .with_context(|| format!("reading the source at offset {}", i * CHUNK))?;
+                let chunk = if has_data {
+                    Chunk::Data(Arc::new(buf))
+                } else {
+                    spare = Some(buf);
+                    Chunk::Zero
+                };
+                if to_writer.send((i, chunk)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let hasher = s.spawn(move || {
+            let mut out = Vec::new();
+            for (i, data) in from_writer {
+                out.push((i, chunk_hash(&data)));
+                if let Ok(buf) = Arc::try_unwrap(data) {
+                    let _ = recycle.try_send(buf);
+                }
+            }
+            out
+        });
+        let mut write = || -> Result<()> {
+            for (i, chunk) in from_reader.iter() {
+                let (start, len) = (i * CHUNK, chunk_len(size, i));
+                match chunk {
+                    Chunk::Zero => writer.zero(start, len)?,
+                    Chunk::Data(data) => {
+                        writer
+                            .data(start, &data)
+                            .with_context(|| format!("writing the target at offset {start}"))?;
+                        progress.add_written(len);
+                        let _ = to_hasher.send((i, data));
+                    }
+                }
+                progress.add_read(len);
+                progress.advance(len);
+            }
+            Ok(())
+        };
+        let written = write();
+        drop(from_reader);
+        drop(to_hasher);
+        for (i, h) in hasher.join().expect("the hasher does not panic") {
+            hashes[i as usize] = h;
+        }
+        let read = reader.join().expect("the reader does not panic");
+        (read, written)
+    });
+    read_result?;
+    write_result?;
+    let (data_bytes, zero_bytes) = (writer.data_bytes, writer.zero_bytes);
+    writer.finish().context("flushing the target")?;
+    Ok(BlockOutcome {
+        digest: combine(&hashes),
+        data_bytes,
+        zero_bytes,
+    })
+}

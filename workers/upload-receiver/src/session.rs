@@ -1,0 +1,588 @@
+//! The session runner, on the main thread: takes one upload at a time from
+//! the server and streams it into the volume through the core pipeline
+//! (digest → decompress → content sink), or for a plain tus file upload
+//! through the [`crate::resumable`] writer. A failure caused by the client
+//! (it went away, stalled, sent a bad form) is answered and forgotten; any
+//! other failure, like success, ends the receiver.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Result;
+use bytes::Bytes;
+use hyper::StatusCode;
+use populator_core::content::{ContentMode, ContentSpec};
+use populator_core::decompress::{Compression, DecompressMode};
+use populator_core::digest::MultiDigest;
+use populator_core::error::{classify, fail, Classified, Kind};
+use populator_core::pipeline::{run_stream, ChunkSender, StreamOutcome};
+use populator_core::target::{short_bytes, Target};
+use populator_core::Context;
+use tokio::runtime::Runtime;
+
+use crate::pump::{bad_request, is_client_failure, Limits};
+use crate::resumable::Resumable;
+use crate::server::{Job, Phase, Reply, Shared, Upload, Wait};
+use crate::tus::{Segment, Session};
+
+pub struct Runner<'a> {
+    pub runtime: &'a Runtime,
+    pub shared: Arc<Shared>,
+    pub target: Target,
+    pub spec: ContentSpec,
+    pub ctx: &'a Context,
+    pub limits: Limits,
+    /// No --file-name: a tus client's `filename` metadata names the file.
+    pub client_names_file: bool,
+}
+
+/// What an upload ended with.
+enum Ending {
+    /// Written, verified, flushed: the summary line.
+    Completed(String),
+    /// The client's fault; the receiver waits for the next upload.
+    Dropped,
+}
+
+impl Runner<'_> {
+    /// Serves jobs until one upload completes (the summary) or fails for good.
+    pub fn run(&self, jobs: &mut tokio::sync::mpsc::Receiver<Job>) -> Result<String> {
+        loop {
+            let job = self.runtime.block_on(self.limits.bounded(async {
+                jobs.recv()
+                    .await
+                    .ok_or_else(|| fail(Kind::Internal, "InternalError", "the server stopped"))
+            }))?;
+            let ending = match job {
+                Job::Upload(upload) => self.upload(upload),
+                Job::Tus(session) => self.tus(session),
+            }?;
+            match ending {
+                Ending::Completed(summary) => {
+                    self.shared.set_phase(Phase::Done);
+                    return Ok(summary);
+                }
+                Ending::Dropped => {
+                    self.ctx.progress.restart();
+                    self.ctx.progress.set_stage("waiting");
+                    self.shared.set_phase(Phase::Idle);
+                }
+            }
+        }
+    }
+
+    /// A CDI upload: the whole body (or the form's `file` field) through the
+    /// pipeline, the checksums of `--checksum` and `Content-Digest` checked.
+    fn upload(&self, upload: Upload) -> Result<Ending> {
+        let Upload {
+            body,
+            form_boundary,
+            wait,
+            content_length,
+            checksums,
+            reply,
+        } = upload;
+        let mut reply = Some(reply);
+        if let Err(e) = self.check_declared(content_length, form_boundary.is_some()) {
+            answer(&mut reply, too_large(&e));
+            return Err(e);
+        }
+        let mut spec = self.spec.clone();
+        spec.checksums.extend(checksums);
+        self.ctx.progress.set_total(content_length);
+        self.ctx.progress.set_stage("receiving");
+        let mut body = Some(body);
+        let outcome = run_stream(&self.target, &spec, self.ctx, |sender| {
+            let body = body.take().ok_or_else(|| {
+                fail(
+                    Kind::Internal,
+                    "InternalError",
+                    "the upload cannot start over",
+                )
+            })?;
+            self.runtime.block_on(async {
+                match &form_boundary {
+                    None => self.pump_body(body, &sender).await?,
+                    Some(boundary) => self.pump_form(body, boundary, &sender).await?,
+                }
+                sender.finish().await
+            })?;
+            if wait == Wait::Async {
+                self.ctx.progress.set_stage("processing");
+                answer(
+                    &mut reply,
+                    Reply::new(StatusCode::OK, "received; processing continues"),
+                );
+            }
+            Ok(())
+        });
+        self.finish(outcome, &mut reply, "upload")
+    }
+
+    /// Answers the client and decides what the outcome means for the receiver.
+    fn finish(
+        &self,
+        outcome: Result<StreamOutcome>,
+        reply: &mut Option<tokio::sync::oneshot::Sender<Reply>>,
+        how: &str,
+    ) -> Result<Ending> {
+        match outcome {
+            Ok(outcome) => {
+                self.ctx.report.extend(outcome.details.clone());
+                let summary = self.summary(how, &outcome.digests.0, outcome.compression);
+                self.shared.set_phase(Phase::Done);
+                answer(reply, Reply::new(StatusCode::OK, "upload complete"));
+                Ok(Ending::Completed(summary))
+            }
+            Err(e) => {
+                let c = classify(&e);
+                answer(reply, failure_reply(&c));
+                if is_client_failure(&e) {
+                    populator_core::log::warn(format!(
+                        "upload dropped, waiting for another: {}",
+                        c.message
+                    ));
+                    Ok(Ending::Dropped)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn summary(
+        &self,
+        how: &str,
+        digests: &std::collections::BTreeMap<String, String>,
+        compression: Compression,
+    ) -> String {
+        format!(
+            "received {} by {how} into {} (sha256 {}, {})",
+            short_bytes(self.ctx.progress.bytes_read()),
+            self.target.path.display(),
+            digests.get("sha256").map(String::as_str).unwrap_or("?"),
+            match compression.name() {
+                "none" => "not compressed".to_string(),
+                c => format!("{c} decompressed"),
+            },
+        )
+    }
+
+    /// A declared size over capacity is refused before any byte is read
+    /// (413, exit 4). Only for file content: an archive or a compressed
+    /// stream may grow or shrink on the way.
+    fn check_declared(&self, size: Option<u64>, form: bool) -> Result<()> {
+        match size {
+            Some(size) if self.spec.mode == ContentMode::File && !form => {
+                self.target.check_fits(size, "the declared upload")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn pump_body(&self, mut body: hyper::body::Incoming, sender: &ChunkSender) -> Result<()> {
+        while let Some(data) = self.limits.next_data(&mut body).await? {
+            sender.send(data).await?;
+        }
+        Ok(())
+    }
+
+    /// The form's `file` field into the pipeline; other fields are skipped.
+    async fn pump_form(
+        &self,
+        body: hyper::body::Incoming,
+        boundary: &str,
+        sender: &ChunkSender,
+    ) -> Result<()> {
+        // multer sees only bytes; the real error of a broken body is kept aside.
+        let failure = std::sync::Mutex::new(None);
+        let stream = futures_util::stream::unfold(Some(body), |body| async {
+            let mut body = body?;
+            match self.limits.next_data(&mut body).await {
+                Ok(Some(data)) => Some((Ok::<Bytes, std::io::Error>(data), Some(body))),
+                Ok(None) => None,
+                Err(e) => {
+                    let text = e.to_string();
+                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    Some((Err(std::io::Error::other(text)), None))
+                }
+            }
+        });
+        let mut form = multer::Multipart::new(stream, boundary);
+        let taken = |e: multer::Error| -> anyhow::Error {
+            failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_else(|| bad_request(format!("the form is malformed: {e}")))
+        };
+        let mut found = false;
+        while let Some(mut field) = form.next_field().await.map_err(taken)? {
+            if found || field.name() != Some("file") {
+                while field.chunk().await.map_err(taken)?.is_some() {}
+                continue;
+            }
+            found = true;
+            while let Some(data) = field.chunk().await.map_err(taken)? {
+                sender.send(data).await?;
+            }
+        }
+        if !found {
+            return Err(bad_request("the form has no field named 'file'"));
+        }
+        Ok(())
+    }
+
+    /// A tus upload: PATCH bodies arrive as segments. A plain file goes
+    /// straight to its place with resumable state; anything to decompress
+    /// or extract runs through the pipeline, which waits between PATCHes.
+    fn tus(&self, mut session: Session) -> Result<Ending> {
+        self.ctx.progress.set_total(Some(session.length));
+        self.ctx.progress.set_stage("receiving");
+        let mut spec = self.spec.clone();
+        if let Some(name) = session.file_name.clone().filter(|_| self.client_names_file) {
+            spec.file_name = name;
+        }
+        if let Some(saved) = session.resume.take() {
+            spec.file_name = saved.file_name.clone();
+            if saved.offset > 0 {
+                let writer = Resumable::resume(&self.target, &spec, saved, self.ctx)?;
+                return self.tus_direct(session, writer, None, &spec);
+            }
+        }
+        if spec.mode != ContentMode::File {
+            session.announce_created();
+            return self.tus_pipeline(session, None, &spec);
+        }
+        if let Err(e) = self
+            .target
+            .check_fits(session.length, "the declared upload")
+        {
+            answer(&mut session.created, too_large(&e));
+            return Err(e);
+        }
+        // The state is saved on creation, so that a restarted receiver knows
+        // the upload even before its first PATCH.
+        let writer = Resumable::create(&self.target, &spec, &session, &spec.file_name, self.ctx)?;
+        session.announce_created();
+        // Its first bytes tell whether it is compressed.
+        let first = self.first_bytes(&mut session).inspect_err(|e| {
+            // Kept for a restart when terminated; a deadline ends it for good.
+            if classify(e).kind != Kind::Terminated {
+                writer.abort();
+            }
+        })?;
+        let Some((segment, first)) = first else {
+            writer.abort();
+            return Ok(Ending::Dropped);
+        };
+        let compressed = spec.decompress == DecompressMode::Auto
+            && Compression::detect(&first) != Compression::None;
+        if compressed {
+            // Decompression cannot resume after a restart: through the
+            // pipeline, resumable while this receiver lives.
+            writer.abort();
+            return self.tus_pipeline(session, Some((segment, first)), &spec);
+        }
+        self.tus_direct(session, writer, Some((segment, first)), &spec)
+    }
+
+    /// Waits for the first PATCH and its first bytes (up to 6, enough for
+    /// the compression magic).
+    fn first_bytes(&self, session: &mut Session) -> Result<Option<(Segment, Bytes)>> {
+        loop {
+            let Some(mut segment) = self.next_segment(session)? else {
+                return Ok(None);
+            };
+            let mut first = Vec::new();
+            let broke = self.runtime.block_on(async {
+                while first.len() < 6 {
+                    match self.limits.next_data(&mut segment.body).await {
+                        Ok(Some(d)) => first.extend_from_slice(&d),
+                        Ok(None) => break,
+                        Err(e) if is_client_failure(&e) => return Ok(Some(e)),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(None)
+            })?;
+            match broke {
+                Some(e) => answer(&mut Some(segment.reply), failure_reply(&classify(&e))),
+                None if first.is_empty() => {
+                    answer(&mut Some(segment.reply), session.offset_reply())
+                }
+                None => return Ok(Some((segment, Bytes::from(first)))),
+            }
+        }
+    }
+
+    fn next_segment(&self, session: &mut Session) -> Result<Option<Segment>> {
+        self.runtime.block_on(
+            self.limits
+                .bounded(async { Ok(session.segments.recv().await) }),
+        )
+    }
+
+    /// tus into the resumable writer: bytes land at their offset, state is
+    /// saved as they come, and the last PATCH is answered after the data is
+    /// verified and flushed.
+    fn tus_direct(
+        &self,
+        mut session: Session,
+        mut writer: Resumable,
+        mut pending: Option<(Segment, Bytes)>,
+        spec: &ContentSpec,
+    ) -> Result<Ending> {
+        let result = (|| -> Result<Option<tokio::sync::oneshot::Sender<Reply>>> {
+            loop {
+                let (mut segment, first) = match pending.take() {
+                    Some(p) => p,
+                    None => match self.next_segment(&mut session)? {
+                        Some(s) => (s, Bytes::new()),
+                        None => {
+                            return Err(fail(Kind::Internal, "InternalError", "the server stopped"))
+                        }
+                    },
+                };
+                let mut check = segment
+                    .checksum
+                    .as_ref()
+                    .map(|c| MultiDigest::new(std::slice::from_ref(c)));
+                let outcome = self.runtime.block_on(async {
+                    let mut data = first;
+                    loop {
+                        if !data.is_empty() {
+                            let room = session.length - writer.offset();
+                            if data.len() as u64 > room {
+                                return Err(bad_request(
+                                    "the PATCH holds more bytes than Upload-Length",
+                                ));
+                            }
+                            if let Some(c) = &mut check {
+                                c.update(&data);
+                            }
+                            writer.write(&data)?;
+                            session.offset.store(writer.offset(), Ordering::SeqCst);
+                        }
+                        match self.limits.next_data(&mut segment.body).await? {
+                            Some(d) => data = d,
+                            None => return Ok(()),
+                        }
+                    }
+                });
+                writer.checkpoint()?;
+                match outcome {
+                    Err(e) if is_client_failure(&e) => {
+                        answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
+                        continue;
+                    }
+                    Err(e) => {
+                        answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
+                        return Err(e);
+                    }
+                    Ok(()) => {}
+                }
+                if let (Some(c), Some(expected)) = (check, &segment.checksum) {
+                    if let Some(m) = c.finish().mismatch(std::slice::from_ref(expected)) {
+                        let e = patch_checksum_mismatch(segment.offset, &m);
+                        answer(&mut Some(segment.reply), tus_checksum_reply(&e));
+                        return Err(e);
+                    }
+                }
+                if writer.offset() == session.length {
+                    return Ok(Some(segment.reply));
+                }
+                answer(&mut Some(segment.reply), session.offset_reply());
+            }
+        })();
+        let mut last = match result {
+            Ok(last) => last,
+            Err(e) if classify(&e).kind == Kind::Terminated => {
+                // Stopped from outside: keep what arrived, so that the
+                // receiver started again resumes it.
+                let _ = writer.checkpoint();
+                return Err(e);
+            }
+            Err(e) => {
+                writer.abort();
+                return Err(e);
+            }
+        };
+        self.ctx.progress.set_stage("flushing");
+        match writer.finish(&spec.checksums, self.ctx) {
+            Ok(digests) => {
+                self.ctx.report.set_digests(&digests);
+                session.complete();
+                self.shared.set_phase(Phase::Done);
+                answer(&mut last, session.offset_reply());
+                Ok(Ending::Completed(self.summary(
+                    "tus",
+                    &digests.0,
+                    Compression::None,
+                )))
+            }
+            Err(e) => {
+                answer(&mut last, failure_reply(&classify(&e)));
+                Err(e)
+            }
+        }
+    }
+
+    /// tus through the pipeline: one stream across all PATCHes of this
+    /// receiver's life (a restart starts over).
+    fn tus_pipeline(
+        &self,
+        mut session: Session,
+        mut pending: Option<(Segment, Bytes)>,
+        spec: &ContentSpec,
+    ) -> Result<Ending> {
+        let mut last = None;
+        let outcome = run_stream(&self.target, spec, self.ctx, |sender| {
+            self.runtime.block_on(async {
+                loop {
+                    if session.offset.load(Ordering::SeqCst) == session.length {
+                        break;
+                    }
+                    let (mut segment, first) = match pending.take() {
+                        Some(p) => p,
+                        None => match self
+                            .limits
+                            .bounded(async { Ok(session.segments.recv().await) })
+                            .await?
+                        {
+                            Some(s) => (s, Bytes::new()),
+                            None => {
+                                return Err(fail(
+                                    Kind::Internal,
+                                    "InternalError",
+                                    "the server stopped",
+                                ))
+                            }
+                        },
+                    };
+                    let mut check = segment
+                        .checksum
+                        .as_ref()
+                        .map(|c| MultiDigest::new(std::slice::from_ref(c)));
+                    let outcome: Result<()> = async {
+                        let mut data = first;
+                        loop {
+                            if !data.is_empty() {
+                                let offset = session.offset.load(Ordering::SeqCst);
+                                if data.len() as u64 > session.length - offset {
+                                    return Err(bad_request(
+                                        "the PATCH holds more bytes than Upload-Length",
+                                    ));
+                                }
+                                if let Some(c) = &mut check {
+                                    c.update(&data);
+                                }
+                                let n = data.len() as u64;
+                                sender.send(data).await?;
+                                session.offset.store(offset + n, Ordering::SeqCst);
+                            }
+                            match self.limits.next_data(&mut segment.body).await? {
+                                Some(d) => data = d,
+                                None => return Ok(()),
+                            }
+                        }
+                    }
+                    .await;
+                    match outcome {
+                        Err(e) if is_client_failure(&e) => {
+                            answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
+                            continue;
+                        }
+                        Err(e) => {
+                            answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
+                            return Err(e);
+                        }
+                        Ok(()) => {}
+                    }
+                    if let (Some(c), Some(expected)) = (check, &segment.checksum) {
+                        if let Some(m) = c.finish().mismatch(std::slice::from_ref(expected)) {
+                            let e = patch_checksum_mismatch(segment.offset, &m);
+                            answer(&mut Some(segment.reply), tus_checksum_reply(&e));
+                            return Err(e);
+                        }
+                    }
+                    if session.offset.load(Ordering::SeqCst) == session.length {
+                        last = Some(segment.reply);
+                    } else {
+                        answer(&mut Some(segment.reply), session.offset_reply());
+                    }
+                }
+                sender.finish().await
+            })
+        });
+        if outcome.is_ok() {
+            session.complete();
+            self.shared.set_phase(Phase::Done);
+        }
+        let mut reply = last.map(|r| (r, session.offset_reply()));
+        match outcome {
+            Ok(o) => {
+                if let Some((r, ok)) = reply.take() {
+                    let _ = r.send(ok);
+                }
+                self.ctx.report.extend(o.details.clone());
+                Ok(Ending::Completed(self.summary(
+                    "tus",
+                    &o.digests.0,
+                    o.compression,
+                )))
+            }
+            Err(e) => {
+                if let Some((r, _)) = reply.take() {
+                    let _ = r.send(failure_reply(&classify(&e)));
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Sends the answer once; a client that went away is not an error.
+pub fn answer(reply: &mut Option<tokio::sync::oneshot::Sender<Reply>>, with: Reply) {
+    if let Some(r) = reply.take() {
+        let _ = r.send(with);
+    }
+}
+
+/// The HTTP status for a failure, as CDI's clients expect them.
+pub fn failure_reply(c: &Classified) -> Reply {
+    let status = match (c.kind, c.reason.as_str()) {
+        (_, "ChecksumMismatch") => StatusCode::BAD_REQUEST,
+        (_, "BadRequest") => StatusCode::BAD_REQUEST,
+        (Kind::Integrity, _) => StatusCode::BAD_REQUEST,
+        // Found while writing: the declared size fitted, or none was given.
+        (Kind::Capacity, _) => StatusCode::INSUFFICIENT_STORAGE,
+        (_, "ClientStalled") => StatusCode::REQUEST_TIMEOUT,
+        (_, "ClientDisconnected") => StatusCode::BAD_REQUEST,
+        (Kind::Terminated, _) | (_, "DeadlinePassed") => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Reply::new(status, format!("{}: {}", c.reason, c.message))
+}
+
+fn patch_checksum_mismatch(offset: u64, mismatch: &str) -> anyhow::Error {
+    fail(
+        Kind::Integrity,
+        "ChecksumMismatch",
+        format!("Upload-Checksum of the PATCH at offset {offset}: {mismatch}"),
+    )
+}
+
+/// tus answers a checksum mismatch with its own status, 460.
+fn tus_checksum_reply(e: &anyhow::Error) -> Reply {
+    let mut reply = failure_reply(&classify(e));
+    reply.status = StatusCode::from_u16(460).expect("a valid status");
+    reply
+}
+
+/// A declared size over capacity, refused before any byte is read.
+fn too_large(e: &anyhow::Error) -> Reply {
+    let mut reply = failure_reply(&classify(e));
+    reply.status = StatusCode::PAYLOAD_TOO_LARGE;
+    reply
+}
