@@ -712,3 +712,122 @@ fn network_receiver_killed_and_restarted_resumes() {
     );
     assert_rsync_identical(src.mount_point(), dst.mount_point(), &sent);
 }
+
+// ---- The image: FROM scratch, uid 107, under podman.
+
+fn image_name() -> String {
+    let repo =
+        std::env::var("POPULATOR_IMAGE_REPO").unwrap_or_else(|_| "localhost/populator".into());
+    let tag = std::env::var("POPULATOR_IMAGE_TAG").unwrap_or_else(|_| "dev".into());
+    format!("{repo}/pvc-copy:{tag}")
+}
+
+#[test]
+fn pvc_copy_image_copies_a_tree_and_an_image_file_as_uid_107_under_podman() {
+    require_root();
+    let image = image_name();
+    let exists = std::process::Command::new("podman")
+        .args(["image", "exists", &image])
+        .status()
+        .unwrap();
+    assert!(
+        exists.success(),
+        "image {image} is missing: build it with `make images` (make test does)"
+    );
+    let dir = test_dir("image");
+    let src = dir.join("src");
+    let dst = dir.join("dst");
+    let out = dir.join("out");
+    for d in [&src, &dst, &out] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    sh(&format!(
+        "cd {src} && mkdir -p a/b && echo hello > a/b/f && ln -s b/f a/l && truncate -s 8M sparse \
+         && printf x | dd of=sparse bs=1 seek=4M conv=notrunc status=none \
+         && touch -d '2001-01-01 00:00:00.5' a/b/f && chown -R 107:107 . && chown 107:107 {dst} {out}",
+        src = src.display(),
+        dst = dst.display(),
+        out = out.display()
+    ));
+    let disk = dir.join("disk.img");
+    mostly_zero_file(&disk, 24 * MIB, 2, 41);
+    let dev = LoopDevice::new(&dir, "blk", 32 * MIB);
+    dev.fill_random();
+    let device = dev.device.to_str().unwrap().to_string();
+    // What a runtime with device_ownership_from_security_context does for uid 107.
+    sh(&format!("chown 107:107 {device} {}", disk.display()));
+    let podman = |args: &[&str]| {
+        std::process::Command::new("podman")
+            .args([
+                "run",
+                "--rm",
+                "--runtime",
+                "runc",
+                "--read-only",
+                "--network",
+                "none",
+                "--ulimit",
+                "nofile=1024:20000",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .args(args)
+            .output()
+            .expect("running podman")
+    };
+    let tree = podman(&[
+        "-v",
+        &format!("{}:/source:ro", src.display()),
+        "-v",
+        &format!("{}:/mnt", dst.display()),
+        "-v",
+        &format!("{}:/out", out.display()),
+        &image,
+        "--source",
+        "/source",
+        "--verify",
+        "--termination-log",
+        "/out/tree.json",
+    ]);
+    let block = podman(&[
+        "-v",
+        &format!("{}:/images:ro", dir.display()),
+        "--device",
+        &format!("{device}:/dev/block:rw"),
+        "-v",
+        &format!("{}:/out", out.display()),
+        &image,
+        "--source",
+        "/images",
+        "--source-file",
+        "disk.img",
+        "--termination-log",
+        "/out/block.json",
+    ]);
+    sh(&format!("chown 0:0 {device}"));
+    for (what, output) in [("tree", &tree), ("block", &block)] {
+        let result = std::fs::read_to_string(out.join(format!("{what}.json"))).unwrap_or_default();
+        assert!(
+            output.status.success(),
+            "the {what} copy failed: {}\n{result}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(&result).unwrap();
+        assert_eq!(v["status"], "Succeeded");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dst.join("a/b/f")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        std::fs::read_link(dst.join("a/l")).unwrap(),
+        Path::new("b/f")
+    );
+    let (a, b) = (
+        std::fs::metadata(src.join("a/b/f")).unwrap(),
+        std::fs::metadata(dst.join("a/b/f")).unwrap(),
+    );
+    assert_eq!((a.mtime(), a.mtime_nsec()), (b.mtime(), b.mtime_nsec()));
+    assert!(blocks(&dst.join("sparse")) <= blocks(&src.join("sparse")) + 8);
+    cmp_equal(&disk, &dev.device, 24 * MIB);
+}

@@ -330,3 +330,31 @@ pub fn aggregate(mut collected: Vec<Collected>) -> TreeDigest {
         records,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn content_digest_ignores_how_zeros_are_stored() {
+        let dir = std::env::temp_dir().join(format!("pvc-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = 9 * CHUNK + 12345;
+        let (sparse, dense) = (dir.join("sparse"), dir.join("dense"));
+        let f = File::create(&sparse).unwrap();
+        f.write_all_at(b"data", 5 * CHUNK + 7).unwrap();
+        f.set_len(size).unwrap();
+        let mut all = vec![0u8; size as usize];
+        all[(5 * CHUNK + 7) as usize..(5 * CHUNK + 11) as usize].copy_from_slice(b"data");
+        std::fs::write(&dense, &all).unwrap();
+        let cancel = CancelToken::default();
+        let a = content_digest(&File::open(&sparse).unwrap(), size, true, 2, &cancel).unwrap();
+        let b = content_digest(&File::open(&dense).unwrap(), size, false, 1, &cancel).unwrap();
+        assert_eq!(a, b);
+        let hashes: Vec<Hash> = all.chunks(CHUNK as usize).map(sha256).collect();
+        assert_eq!(a, combine(&hashes));
+        assert!(is_zero(&all[..CHUNK as usize]) && !is_zero(&all[(5 * CHUNK) as usize..]));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -323,3 +323,97 @@ impl Bitset {
         self.0.iter().map(|b| b.count_ones() as u64).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(rel: &[u8], kind: FileKind) -> Entry {
+        Entry {
+            rel: rel_from_bytes(rel.to_vec()),
+            kind,
+            mode: 0o4755,
+            uid: 1,
+            gid: 2,
+            size: 3,
+            atime: (4, 5),
+            mtime: (-6, 7),
+            rdev: 8,
+            link: b"target".to_vec(),
+            xattrs: vec![(b"user.a".to_vec(), vec![0, 255])],
+            nlink: 1,
+            dev: 0,
+            ino: 0,
+            allocated: 9,
+        }
+    }
+
+    #[test]
+    fn manifest_entries_round_trip_with_non_utf8_names() {
+        let entries = [
+            ManifestEntry {
+                entry: entry(b"", FileKind::Dir),
+                link_to: None,
+            },
+            ManifestEntry {
+                entry: entry(b"caf\xe9", FileKind::File),
+                link_to: None,
+            },
+            ManifestEntry {
+                entry: entry(b"link", FileKind::File),
+                link_to: Some(1),
+            },
+        ];
+        let mut out = Vec::new();
+        for e in &entries {
+            encode_entry(&mut out, e);
+        }
+        let back = decode_entries(&out).unwrap();
+        assert_eq!(back.len(), 3);
+        for (a, b) in entries.iter().zip(&back) {
+            assert_eq!(a.entry, b.entry);
+            assert_eq!(a.link_to, b.link_to);
+        }
+    }
+
+    #[test]
+    fn paths_leaving_the_tree_are_refused() {
+        for bad in [&b"../etc/passwd"[..], b"/etc/passwd", b"a/../../b"] {
+            let mut out = Vec::new();
+            encode_entry(
+                &mut out,
+                &ManifestEntry {
+                    entry: entry(bad, FileKind::File),
+                    link_to: None,
+                },
+            );
+            assert!(
+                decode_entries(&out).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn data_header_and_bitset() {
+        let h = DataHeader {
+            item: 7,
+            offset: 4 << 20,
+            raw_len: 123,
+            compressed: true,
+            hash: [9; 32],
+        };
+        let d = DataHeader::decode(&h.encode()).unwrap();
+        assert_eq!(
+            (d.item, d.offset, d.raw_len, d.compressed, d.hash),
+            (7, 4 << 20, 123, true, [9; 32])
+        );
+        let mut b = Bitset::new(20);
+        b.set(0);
+        b.set(19);
+        b.set(25); // out of range: ignored
+        assert!(b.get(0) && b.get(19) && !b.get(1));
+        assert_eq!(b.count(), 2);
+    }
+}

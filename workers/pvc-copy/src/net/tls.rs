@@ -166,3 +166,18 @@ pub fn is_trust_failure(e: &std::io::Error) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fingerprints_are_normalized() {
+        let hex = "ab".repeat(32);
+        let want = vec!["AB"; 32].join(":");
+        assert_eq!(super::normalize_fingerprint(&hex).unwrap(), want);
+        assert_eq!(
+            super::normalize_fingerprint(&want.to_lowercase()).unwrap(),
+            want
+        );
+        assert!(super::normalize_fingerprint("abc").is_err());
+    }
+}
