@@ -404,7 +404,6 @@ impl Runner<'_> {
                         last = Some(reply);
                     }
                 }
-                drop(sink);
                 sender.finish().await
             })
         });
