@@ -966,3 +966,27 @@ fn the_image_receives_an_upload_onto_a_block_device_under_podman() {
     );
     assert!(!String::from_utf8_lossy(&output.stderr).contains(TOKEN));
 }
+
+#[test]
+fn a_compressed_tus_upload_is_decompressed_through_the_pipeline() {
+    let raw = random_fixture("random-8m.bin", 8 * MIB, 4);
+    let dir = test_dir("tus-gzip");
+    let packed = dir.join("payload.img.gz");
+    sh(&format!(
+        "gzip -1 -c {} > {}",
+        raw.display(),
+        packed.display()
+    ));
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let (cmd, port) = receiver(&out);
+    let child = start(&cmd, port);
+    let (client, _) = tus_client(port, &packed, None);
+    wait_client(client);
+    let run = child.wait();
+    run.success();
+    assert_eq!(run.result()["compression"], "gzip", "{}", run.dump());
+    assert_eq!(run.sha256(), sha256_file(&packed));
+    assert_eq!(sha256_file(&out.join("uploaded.img")), sha256_file(&raw));
+    assert!(!out.join(".populator-upload-state").exists());
+}

@@ -229,10 +229,6 @@ impl Resumable {
         })
     }
 
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
         self.file
             .write_all_at(data, self.offset)

@@ -265,6 +265,9 @@ impl Runner<'_> {
         // the upload even before its first PATCH.
         let writer = Resumable::create(&self.target, &spec, &session, &spec.file_name, self.ctx)?;
         session.announce_created();
+        if session.length == 0 {
+            return self.tus_direct(session, writer, None, &spec);
+        }
         // Its first bytes tell whether it is compressed.
         let first = self.first_bytes(&mut session).inspect_err(|e| {
             // Kept for a restart when terminated; a deadline ends it for good.
@@ -333,69 +336,21 @@ impl Runner<'_> {
         mut pending: Option<(Segment, Bytes)>,
         spec: &ContentSpec,
     ) -> Result<Ending> {
-        let result = (|| -> Result<Option<tokio::sync::oneshot::Sender<Reply>>> {
-            loop {
-                let (mut segment, first) = match pending.take() {
-                    Some(p) => p,
-                    None => match self.next_segment(&mut session)? {
-                        Some(s) => (s, Bytes::new()),
-                        None => {
-                            return Err(fail(Kind::Internal, "InternalError", "the server stopped"))
-                        }
-                    },
-                };
-                let mut check = segment
-                    .checksum
-                    .as_ref()
-                    .map(|c| MultiDigest::new(std::slice::from_ref(c)));
-                let outcome = self.runtime.block_on(async {
-                    let mut data = first;
-                    loop {
-                        if !data.is_empty() {
-                            let room = session.length - writer.offset();
-                            if data.len() as u64 > room {
-                                return Err(bad_request(
-                                    "the PATCH holds more bytes than Upload-Length",
-                                ));
-                            }
-                            if let Some(c) = &mut check {
-                                c.update(&data);
-                            }
-                            writer.write(&data)?;
-                            session.offset.store(writer.offset(), Ordering::SeqCst);
-                        }
-                        match self.limits.next_data(&mut segment.body).await? {
-                            Some(d) => data = d,
-                            None => return Ok(()),
-                        }
-                    }
-                });
-                writer.checkpoint()?;
-                match outcome {
-                    Err(e) if is_client_failure(&e) => {
-                        answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
-                        continue;
-                    }
-                    Err(e) => {
-                        answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
-                        return Err(e);
-                    }
-                    Ok(()) => {}
+        let received = self.runtime.block_on(async {
+            let mut last = None;
+            let mut sink = PatchSink::Writer(&mut writer);
+            while session.offset.load(Ordering::SeqCst) < session.length {
+                let (segment, first) = self.wait_patch(&mut session, &mut pending).await?;
+                if let PatchEnd::Last(reply) = self
+                    .apply_patch(&session, segment, first, &mut sink)
+                    .await?
+                {
+                    last = Some(reply);
                 }
-                if let (Some(c), Some(expected)) = (check, &segment.checksum) {
-                    if let Some(m) = c.finish().mismatch(std::slice::from_ref(expected)) {
-                        let e = patch_checksum_mismatch(segment.offset, &m);
-                        answer(&mut Some(segment.reply), tus_checksum_reply(&e));
-                        return Err(e);
-                    }
-                }
-                if writer.offset() == session.length {
-                    return Ok(Some(segment.reply));
-                }
-                answer(&mut Some(segment.reply), session.offset_reply());
             }
-        })();
-        let mut last = match result {
+            Ok(last)
+        });
+        let mut last = match received {
             Ok(last) => last,
             Err(e) if classify(&e).kind == Kind::Terminated => {
                 // Stopped from outside: keep what arrived, so that the
@@ -439,92 +394,24 @@ impl Runner<'_> {
         let mut last = None;
         let outcome = run_stream(&self.target, spec, self.ctx, |sender| {
             self.runtime.block_on(async {
-                loop {
-                    if session.offset.load(Ordering::SeqCst) == session.length {
-                        break;
-                    }
-                    let (mut segment, first) = match pending.take() {
-                        Some(p) => p,
-                        None => match self
-                            .limits
-                            .bounded(async { Ok(session.segments.recv().await) })
-                            .await?
-                        {
-                            Some(s) => (s, Bytes::new()),
-                            None => {
-                                return Err(fail(
-                                    Kind::Internal,
-                                    "InternalError",
-                                    "the server stopped",
-                                ))
-                            }
-                        },
-                    };
-                    let mut check = segment
-                        .checksum
-                        .as_ref()
-                        .map(|c| MultiDigest::new(std::slice::from_ref(c)));
-                    let outcome: Result<()> = async {
-                        let mut data = first;
-                        loop {
-                            if !data.is_empty() {
-                                let offset = session.offset.load(Ordering::SeqCst);
-                                if data.len() as u64 > session.length - offset {
-                                    return Err(bad_request(
-                                        "the PATCH holds more bytes than Upload-Length",
-                                    ));
-                                }
-                                if let Some(c) = &mut check {
-                                    c.update(&data);
-                                }
-                                let n = data.len() as u64;
-                                sender.send(data).await?;
-                                session.offset.store(offset + n, Ordering::SeqCst);
-                            }
-                            match self.limits.next_data(&mut segment.body).await? {
-                                Some(d) => data = d,
-                                None => return Ok(()),
-                            }
-                        }
-                    }
-                    .await;
-                    match outcome {
-                        Err(e) if is_client_failure(&e) => {
-                            answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
-                            continue;
-                        }
-                        Err(e) => {
-                            answer(&mut Some(segment.reply), failure_reply(&classify(&e)));
-                            return Err(e);
-                        }
-                        Ok(()) => {}
-                    }
-                    if let (Some(c), Some(expected)) = (check, &segment.checksum) {
-                        if let Some(m) = c.finish().mismatch(std::slice::from_ref(expected)) {
-                            let e = patch_checksum_mismatch(segment.offset, &m);
-                            answer(&mut Some(segment.reply), tus_checksum_reply(&e));
-                            return Err(e);
-                        }
-                    }
-                    if session.offset.load(Ordering::SeqCst) == session.length {
-                        last = Some(segment.reply);
-                    } else {
-                        answer(&mut Some(segment.reply), session.offset_reply());
+                let mut sink = PatchSink::Pipeline(&sender);
+                while session.offset.load(Ordering::SeqCst) < session.length {
+                    let (segment, first) = self.wait_patch(&mut session, &mut pending).await?;
+                    if let PatchEnd::Last(reply) = self
+                        .apply_patch(&session, segment, first, &mut sink)
+                        .await?
+                    {
+                        last = Some(reply);
                     }
                 }
                 sender.finish().await
             })
         });
-        if outcome.is_ok() {
-            session.complete();
-            self.shared.set_phase(Phase::Done);
-        }
-        let mut reply = last.map(|r| (r, session.offset_reply()));
         match outcome {
             Ok(o) => {
-                if let Some((r, ok)) = reply.take() {
-                    let _ = r.send(ok);
-                }
+                session.complete();
+                self.shared.set_phase(Phase::Done);
+                answer(&mut last, session.offset_reply());
                 self.ctx.report.extend(o.details.clone());
                 Ok(Ending::Completed(self.summary(
                     "tus",
@@ -533,13 +420,139 @@ impl Runner<'_> {
                 )))
             }
             Err(e) => {
-                if let Some((r, _)) = reply.take() {
-                    let _ = r.send(failure_reply(&classify(&e)));
-                }
+                answer(&mut last, failure_reply(&classify(&e)));
                 Err(e)
             }
         }
     }
+
+    /// The pending PATCH, or the next one to arrive.
+    async fn wait_patch(
+        &self,
+        session: &mut Session,
+        pending: &mut Option<(Segment, Bytes)>,
+    ) -> Result<(Segment, Bytes)> {
+        if let Some(p) = pending.take() {
+            return Ok(p);
+        }
+        match self
+            .limits
+            .bounded(async { Ok(session.segments.recv().await) })
+            .await?
+        {
+            Some(segment) => Ok((segment, Bytes::new())),
+            None => Err(fail(Kind::Internal, "InternalError", "the server stopped")),
+        }
+    }
+
+    /// Applies one PATCH: its bytes (`first`, then the rest of its body) go
+    /// into `sink` within Upload-Length, and its Upload-Checksum is checked.
+    /// Every outcome but the completing PATCH is answered here; a fatal one
+    /// is also returned.
+    async fn apply_patch(
+        &self,
+        session: &Session,
+        mut segment: Segment,
+        first: Bytes,
+        sink: &mut PatchSink<'_>,
+    ) -> Result<PatchEnd> {
+        let mut check = segment
+            .checksum
+            .as_ref()
+            .map(|c| MultiDigest::new(std::slice::from_ref(c)));
+        let received: Result<()> = async {
+            let mut data = first;
+            loop {
+                if !data.is_empty() {
+                    let offset = session.offset.load(Ordering::SeqCst);
+                    if data.len() as u64 > session.length - offset {
+                        return Err(bad_request("the PATCH holds more bytes than Upload-Length"));
+                    }
+                    if let Some(c) = &mut check {
+                        c.update(&data);
+                    }
+                    let n = data.len() as u64;
+                    sink.take(data).await?;
+                    session.offset.store(offset + n, Ordering::SeqCst);
+                }
+                match self.limits.next_data(&mut segment.body).await? {
+                    Some(d) => data = d,
+                    None => return Ok(()),
+                }
+            }
+        }
+        .await;
+        // What arrived is durable before the client hears the offset.
+        let received = received.and_then(|()| sink.checkpoint()).or_else(|e| {
+            let saved = sink.checkpoint();
+            if is_client_failure(&e) {
+                saved.and(Err(e))
+            } else {
+                Err(e)
+            }
+        });
+        let mut reply = Some(segment.reply);
+        match received {
+            Err(e) if is_client_failure(&e) => {
+                answer(&mut reply, failure_reply(&classify(&e)));
+                return Ok(PatchEnd::Broken);
+            }
+            Err(e) => {
+                answer(&mut reply, failure_reply(&classify(&e)));
+                return Err(e);
+            }
+            Ok(()) => {}
+        }
+        if let (Some(c), Some(expected)) = (check, &segment.checksum) {
+            if let Some(m) = c.finish().mismatch(std::slice::from_ref(expected)) {
+                let e = patch_checksum_mismatch(segment.offset, &m);
+                answer(&mut reply, tus_checksum_reply(&e));
+                return Err(e);
+            }
+        }
+        if session.offset.load(Ordering::SeqCst) == session.length {
+            return Ok(PatchEnd::Last(reply.take().expect("not answered yet")));
+        }
+        answer(&mut reply, session.offset_reply());
+        Ok(PatchEnd::Applied)
+    }
+}
+
+/// Where the bytes of tus PATCHes go.
+enum PatchSink<'a> {
+    /// Straight to their place, with resumable state.
+    Writer(&'a mut Resumable),
+    /// Into the pipeline (decompression, extraction).
+    Pipeline(&'a ChunkSender),
+}
+
+impl PatchSink<'_> {
+    async fn take(&mut self, data: Bytes) -> Result<()> {
+        match self {
+            PatchSink::Writer(w) => w.write(&data),
+            PatchSink::Pipeline(s) => s.send(data).await,
+        }
+    }
+
+    /// Makes what arrived durable and records the offset (writer only: the
+    /// pipeline cannot resume after a restart).
+    fn checkpoint(&mut self) -> Result<()> {
+        match self {
+            PatchSink::Writer(w) => w.checkpoint(),
+            PatchSink::Pipeline(_) => Ok(()),
+        }
+    }
+}
+
+/// How one PATCH ended.
+enum PatchEnd {
+    /// Applied and answered with the new offset.
+    Applied,
+    /// Applied and the upload is complete: the answer waits for the
+    /// verification and flush.
+    Last(tokio::sync::oneshot::Sender<Reply>),
+    /// The client failed (answered); the upload waits for another PATCH.
+    Broken,
 }
 
 /// Sends the answer once; a client that went away is not an error.
