@@ -723,3 +723,24 @@ fn backup_restore_image_restores_a_snapshot_under_podman() {
     let owner = std::fs::metadata(target.join("d004/f000")).unwrap().uid();
     assert_eq!(owner, 107);
 }
+
+/// `restic backup d008` run in the parent directory keeps the tree as
+/// `d008/…` while the snapshot records the absolute path.
+#[test]
+fn a_relative_backup_path_lands_at_the_target_root() {
+    let f = fixture();
+    let dir = test_dir("relative");
+    let repo = dir.join("repo");
+    let repo = repo.to_str().unwrap();
+    restic(repo, &f.password_file, "init");
+    sh(&format!(
+        "cd {} && {}",
+        f.vol.display(),
+        restic_cmd(repo, &f.password_file, "backup d008")
+    ));
+    let target = dir.join("target");
+    std::fs::create_dir(&target).unwrap();
+    let run = restore(repo, &target).run();
+    run.success();
+    assert_same_tree(&f.vol.join("d008"), &target, &run);
+}

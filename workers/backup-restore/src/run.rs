@@ -74,6 +74,16 @@ fn restore_snapshot(args: &Args, source: &ResticSource, ctx: &Context) -> Result
                 )
             })
     };
+    // restic records the absolute path in the snapshot, but builds its tree
+    // from the path as given: `restic backup data` in /srv keeps /srv/data
+    // as just `data`. Take the longest tail of the path that is in the tree.
+    let base = tails(&base)
+        .into_iter()
+        .find(|tail| {
+            repo.node_from_snapshot_and_path(&snap, &tail.to_string_lossy())
+                .is_ok()
+        })
+        .unwrap_or(base);
     let roots = if source.includes.is_empty() {
         vec![(PathBuf::new(), node_at(&base, "the backed-up path")?)]
     } else {
@@ -114,6 +124,19 @@ fn restore_snapshot(args: &Args, source: &ResticSource, ctx: &Context) -> Result
         short_bytes(restored.file_bytes),
         short_bytes(restored.data_bytes),
     ))
+}
+
+/// `/a/b/c`, then `b/c`, then `c`.
+fn tails(path: &Path) -> Vec<PathBuf> {
+    let parts: Vec<Component> = path
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    let mut out = vec![path.to_path_buf()];
+    for start in 1..parts.len() {
+        out.push(parts[start..].iter().collect());
+    }
+    out
 }
 
 /// An `--include` subpath: relative to the backed-up path, no `..`.
