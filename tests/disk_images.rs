@@ -496,6 +496,38 @@ fn bad_images_fail_with_the_contract_s_codes_and_say_why() {
         );
     }
 
+    // Other formats cut short: a declared size (tables past the end) and a
+    // gzip stream whose size nobody declared (the data just stops).
+    let vhdx =
+        std::fs::read(fixture("dynamic.vhdx", "vhdx", "-o subformat=dynamic").image).unwrap();
+    let url = serve_bytes(&dir, "short.vhdx", &vhdx[..vhdx.len() * 3 / 4]);
+    import(&url, &out)
+        .run()
+        .code(3)
+        .message_contains("past the end");
+    let vmdk = std::fs::read(fixture("stream.vmdk", "vmdk", "-o subformat=streamOptimized").image)
+        .unwrap();
+    let mut gz = Vec::new();
+    {
+        let mut child = std::process::Command::new("gzip")
+            .arg("-1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let half = vmdk[..vmdk.len() / 2].to_vec();
+        let feeder = std::thread::spawn(move || stdin.write_all(&half).unwrap());
+        child.stdout.take().unwrap().read_to_end(&mut gz).unwrap();
+        feeder.join().unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    let url = serve_bytes(&dir, "short.vmdk.gz", &gz);
+    import(&url, &out)
+        .run()
+        .code(3)
+        .message_contains("truncated");
+
     // Features that are refused, made by qemu-img itself.
     let q = |args: &str| sh(&format!("cd {} && qemu-img {args}", dir.display()));
     q("create -q -f qcow2 base.qcow2 64M");
