@@ -403,7 +403,15 @@ pub fn write_index(
     Ok(())
 }
 
-/// Where `plan`'s paths land under `root`, for messages.
+/// A new repository with a worktree at `dir`, from no template: the host's
+/// git templates (sample hooks) stay out of the volume.
+pub fn init_repo(dir: &Path) -> Result<Repository> {
+    let mut opts = git2::RepositoryInitOptions::new();
+    opts.external_template(false);
+    Ok(Repository::init_opts(dir, &opts)?)
+}
+
+/// A warning naming the paths that differ only in case, if any.
 pub fn describe_collisions(plan: &Plan) -> Option<String> {
     if plan.case_collisions.is_empty() {
         return None;
@@ -422,6 +430,7 @@ pub fn describe_collisions(plan: &Plan) -> Option<String> {
     ))
 }
 
+/// `root` joined with a tree path.
 pub fn root_path(root: &Path, rel: &[u8]) -> PathBuf {
     root.join(OsStr::from_bytes(rel))
 }
