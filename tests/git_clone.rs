@@ -209,6 +209,11 @@ fn assert_git_state(dir: &Path, commit: &str, run: &Run) {
         run.dump()
     );
     assert_eq!(run.result()["commit"], commit, "{}", run.dump());
+    let hooks = sh(&format!(
+        "find {}/.git -path '*hooks*' -type f",
+        dir.display()
+    ));
+    assert_eq!(hooks.trim(), "", "hook files in the clone{}", run.dump());
 }
 
 fn check_ref(url: &str, git_ref: &str, commit: &str, depth: &str, name: &str) -> Run {

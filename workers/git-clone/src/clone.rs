@@ -67,7 +67,7 @@ pub fn run(args: crate::cli::Args, ctx: &Context) -> Result<String> {
     ctx.report.set("files", cloned.files);
     ctx.report.set("submodules", cloned.submodules.count);
     ctx.report.set("depth", cfg.depth);
-    let finished = finish(&staging, &target.path, &cfg, args.common.owner);
+    let finished = finish(&staging, &target.path, &cfg, args.common.owner, ctx);
     if finished.is_err() {
         let _ = fs::remove_dir_all(&staging);
     }
@@ -93,7 +93,7 @@ pub fn run(args: crate::cli::Args, ctx: &Context) -> Result<String> {
 
 fn clone_into(staging: &Path, cfg: &Config, target: &Target, ctx: &Context) -> Result<Cloned> {
     ctx.progress.set_stage("fetching");
-    let repo = Repository::init(staging)?;
+    let repo = crate::checkout::init_repo(staging)?;
     repo.remote("origin", &cfg.repo.url)?;
     if cfg.repo.scheme == Scheme::File && cfg.depth > 0 {
         populator_core::log::info(
@@ -101,7 +101,9 @@ fn clone_into(staging: &Path, cfg: &Config, target: &Target, ctx: &Context) -> R
         );
     }
     let session = Session::new(cfg.repo.clone(), &cfg.auth, true, ctx);
+    let mut clock = Stopwatch::new(ctx);
     let fetched = fetch::fetch(&repo, &session, &cfg.want, cfg.depth, ctx)?;
+    clock.lap("fetch");
     let (received, total) = session.objects();
     populator_core::log::info(format!(
         "fetched {} ({received}/{total} objects, {})",
@@ -155,7 +157,9 @@ fn clone_into(staging: &Path, cfg: &Config, target: &Target, ctx: &Context) -> R
             .map(|c| c.saturating_sub(ctx.progress.bytes_read())),
         threads: cfg.threads,
     };
+    clock.lap("plan");
     let stats = checkout::write(repo.path(), staging, &plan, &limits, ctx)?;
+    clock.lap("files");
     if !cfg.no_git_dir {
         checkout::write_index(&repo, &tree, &plan, &stats)?;
         if !cfg.sparse.is_empty() {
@@ -171,7 +175,9 @@ fn clone_into(staging: &Path, cfg: &Config, target: &Target, ctx: &Context) -> R
         gitlinks: &plan.gitlinks,
         level: 0,
     };
+    clock.lap("index");
     submodules::update(&parent, cfg, ctx, &mut subs)?;
+    clock.lap("submodules");
     Ok(Cloned {
         commit: sha,
         refname: fetched.refname,
@@ -179,6 +185,30 @@ fn clone_into(staging: &Path, cfg: &Config, target: &Target, ctx: &Context) -> R
         files: plan.files.len() + plan.symlinks.len(),
         submodules: subs,
     })
+}
+
+/// Seconds per stage, in the result (`stageSeconds`), to see where time goes.
+struct Stopwatch<'a> {
+    ctx: &'a Context,
+    at: std::time::Instant,
+    laps: serde_json::Map<String, serde_json::Value>,
+}
+
+impl<'a> Stopwatch<'a> {
+    fn new(ctx: &'a Context) -> Self {
+        Stopwatch {
+            ctx,
+            at: std::time::Instant::now(),
+            laps: serde_json::Map::new(),
+        }
+    }
+
+    fn lap(&mut self, stage: &str) {
+        let secs = (self.at.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+        self.laps.insert(stage.into(), secs.into());
+        self.at = std::time::Instant::now();
+        self.ctx.report.set("stageSeconds", self.laps.clone());
+    }
 }
 
 /// Tells git which paths a sparse checkout holds, so it keeps them that way.
@@ -193,14 +223,25 @@ fn write_sparse_config(repo: &Repository, sparse: &[String]) -> Result<()> {
 
 /// Drops what was not asked for, sets owners and modes, flushes, and moves
 /// the checkout into place; returns where it landed.
-fn finish(staging: &Path, root: &Path, cfg: &Config, owner: Option<(u32, u32)>) -> Result<PathBuf> {
+fn finish(
+    staging: &Path,
+    root: &Path,
+    cfg: &Config,
+    owner: Option<(u32, u32)>,
+    ctx: &Context,
+) -> Result<PathBuf> {
     if cfg.no_git_dir {
         remove_git_dirs(staging)?;
     }
     if owner.is_some() || cfg.group_write {
         adjust_tree(staging, owner, cfg.group_write)?;
     }
+    let synced = std::time::Instant::now();
     sync_filesystem(staging)?;
+    ctx.report.set(
+        "syncSeconds",
+        (synced.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+    );
     let final_dir = match &cfg.subdir {
         Some(sub) => {
             let dst = root.join(sub);
@@ -311,6 +352,9 @@ fn configure_libgit2(auth: &AuthConfig) -> Result<()> {
             git2::opts::set_ssl_cert_file(ca)?;
         }
     }
+    // The indexer hashes every object it receives; hashing each blob again
+    // when the checkout reads it would double the work for nothing.
+    git2::opts::strict_hash_verification(false);
     if auth.insecure_tls {
         populator_core::log::warn(
             "--insecure-skip-tls-verify: the server's TLS certificate is NOT verified",

@@ -88,7 +88,7 @@ fn clone_one(
     out: &mut Summary,
 ) -> Result<()> {
     let dir = checkout::root_path(parent.workdir, &link.path);
-    let repo = Repository::init(&dir)?;
+    let repo = crate::checkout::init_repo(&dir)?;
     repo.remote("origin", &url.url)?;
     let trusted = cfg.repo.same_origin(url);
     let session = Session::new(url.clone(), &cfg.auth, trusted, ctx);
