@@ -41,11 +41,12 @@ done
 
 work=$(mktemp -d -p "${BENCH_TMPDIR:-/var/tmp}" pvc-copy-bench.XXXXXX)
 ns_a=pcbencha$$ ns_b=pcbenchb$$
-loops=() mounts=() pids=()
+mounts=() pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done
-  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+  # loopdev runs in command substitutions: find the devices by backing file.
+  for l in $(losetup -a | grep -F "$work/" | cut -d: -f1); do losetup -d "$l" 2>/dev/null || true; done
   ip netns del "$ns_a" 2>/dev/null || true
   ip netns del "$ns_b" 2>/dev/null || true
   rm -rf "$work"
@@ -61,7 +62,7 @@ revision=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
 
 loopdev() { # NAME MIB -> device
   truncate -s "${2}M" "$work/$1.loop"
-  local d; d=$(losetup --find --show "$work/$1.loop"); loops+=("$d"); echo "$d"
+  losetup --find --show "$work/$1.loop"
 }
 fresh_fs() { # DEVICE MOUNTPOINT
   mountpoint -q "$2" && umount "$2"
