@@ -111,6 +111,8 @@ pub fn copy_file(
         methods.clone.store(false, Ordering::Relaxed);
     }
     let segments = data_segments(src, size, allocated)?;
+    // Data up to the end sets the size itself; a trailing hole needs a call.
+    let ends_in_hole = segments.last().is_none_or(|&(_, end)| end < size);
     let mut used = Used::CopyRange;
     for (start, end) in segments {
         if methods.copy_range.load(Ordering::Relaxed) {
@@ -125,8 +127,9 @@ pub fn copy_file(
         used = Used::ReadWrite;
         read_write(src, dst, start, end, buf)?;
     }
-    // A trailing hole: the size is set without writing.
-    dst.set_len(size)?;
+    if ends_in_hole {
+        dst.set_len(size)?;
+    }
     Ok(used)
 }
 

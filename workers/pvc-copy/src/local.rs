@@ -291,9 +291,17 @@ fn source_used_bytes(src: &Path) -> Option<u64> {
 /// Fails early (exit 4) when the source volume's used space or inodes
 /// cannot fit the target's free ones.
 fn check_tree_fits(src: &Path, target: &Target) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let Some(used) = source_used_bytes(src) else {
         return Ok(());
     };
+    // Source and target on one filesystem (bind mounts of one disk): its
+    // used space says nothing about what the copy needs.
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(&target.path)) {
+        if a.dev() == b.dev() {
+            return Ok(());
+        }
+    }
     target.check_fits(
         used,
         &format!("the data on source volume {}", src.display()),

@@ -278,8 +278,17 @@ impl Receiver<'_> {
                 ))
             }
         };
-        // A new control stream starts a new attempt: streams of the old one end.
-        *self.current.lock().unwrap() = None;
+        // A new control stream starts a new attempt. The old attempt's streams
+        // end (their peer is gone); what they wrote is recorded before the
+        // journal is read back, or the resume would miss it.
+        let previous = self.current.lock().unwrap().take();
+        if let Some(previous) = previous {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Arc::strong_count(&previous) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.commit(&previous, true)?;
+        }
         self.ctx.progress.set_total(Some(size));
         let transfer = if is_tree {
             self.start_tree(conn, &session, hello, buf)?

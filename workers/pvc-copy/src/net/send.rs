@@ -540,6 +540,8 @@ impl Sender {
         let mut buf = Vec::new();
         let mut conn = self.connect()?;
         self.hello(&mut conn, "data", &mut buf)?;
+        // Small files make small frames: gather them into large TLS records.
+        let mut out = std::io::BufWriter::with_capacity(256 << 10, conn);
         let mut data = Vec::new();
         let block_src = match &self.plan {
             Plan::Block {
@@ -563,12 +565,12 @@ impl Sender {
             let Some(&i) = work.get(k) else { break };
             match (&self.plan, &block_src) {
                 (Plan::Block { .. }, Some((f, segments, size))) => {
-                    self.send_chunk(&mut conn, f, *size, i, segments, &mut data)?;
+                    self.send_chunk(&mut out, f, *size, i, segments, &mut data)?;
                     ctx.progress.advance(chunk_len(*size, i));
                 }
                 (Plan::Tree { root, entries }, _) => {
                     self.send_file(
-                        &mut conn,
+                        &mut out,
                         root,
                         i,
                         &entries[i as usize].entry,
@@ -579,7 +581,8 @@ impl Sender {
                 _ => unreachable!(),
             }
         }
-        write_frame(&mut conn, Frame::StreamEnd, &[])?;
+        write_frame(&mut out, Frame::StreamEnd, &[])?;
+        let mut conn = out.into_inner().map_err(|e| e.into_error())?;
         conn.flush()?;
         expect_json(&mut conn, &mut buf, Frame::StreamOk)?;
         Ok(())
@@ -588,7 +591,7 @@ impl Sender {
     /// Sends one chunk of a block source: a Zero frame, or a Data frame.
     fn send_chunk(
         &self,
-        conn: &mut Conn,
+        conn: &mut impl Write,
         src: &File,
         size: u64,
         i: u64,
@@ -610,7 +613,7 @@ impl Sender {
 
     fn send_data(
         &self,
-        conn: &mut Conn,
+        conn: &mut impl Write,
         item: u64,
         offset: u64,
         data: &[u8],
@@ -642,7 +645,7 @@ impl Sender {
     /// then FileDone; fails when the file changed meanwhile.
     fn send_file(
         &self,
-        conn: &mut Conn,
+        conn: &mut impl Write,
         root: &Path,
         i: u64,
         e: &Entry,
