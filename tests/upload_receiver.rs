@@ -990,3 +990,25 @@ fn a_compressed_tus_upload_is_decompressed_through_the_pipeline() {
     assert_eq!(sha256_file(&out.join("uploaded.img")), sha256_file(&raw));
     assert!(!out.join(".populator-upload-state").exists());
 }
+
+#[test]
+fn connections_are_bounded() {
+    let out = test_dir("bounded");
+    let (cmd, port) = receiver(&out);
+    let cmd = cmd.args(["--max-connections", "1", "--header-read-timeout", "3"]);
+    let child = start(&cmd, port);
+    // One client holds the only connection slot, saying nothing.
+    let holder = std::thread::spawn(move || stall_with(port, ""));
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let health = curl(&["--max-time", "20", &url(port, "/healthz")]);
+    let waited = started.elapsed();
+    assert_eq!(health.status, 200, "{}", health.body);
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "a second connection was served at once ({waited:?}) with --max-connections 1"
+    );
+    holder.join().unwrap();
+    child.signal(libc::SIGTERM);
+    child.wait().code(143);
+}

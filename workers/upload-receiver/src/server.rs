@@ -179,9 +179,11 @@ async fn accept_loop(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
-        .keep_alive(true)
-        // Large reads: fewer, bigger body frames for the pipeline.
-        .max_buf_size(4 << 20);
+        // hyper's default read buffer (400 KiB at most): body frames are
+        // slices of it and keep it alive while they travel down the
+        // pipeline, so a larger one costs memory, not speed (TLS hands
+        // over about one 16 KiB record per read anyway).
+        .keep_alive(true);
     loop {
         // A free connection slot first, so at most max_connections are served.
         let slot = tokio::select! {
