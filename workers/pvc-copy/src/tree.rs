@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -278,8 +278,6 @@ impl Visitor for TreeCopy<'_> {
         }
     }
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 /// Whether `dir` holds anything but lost+found and the resume state; and
 /// whether the resume state is there.
