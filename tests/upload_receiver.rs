@@ -997,9 +997,11 @@ fn connections_are_bounded() {
     let (cmd, port) = receiver(&out);
     let cmd = cmd.args(["--max-connections", "1", "--header-read-timeout", "3"]);
     let child = start(&cmd, port);
-    // One client holds the only connection slot, saying nothing.
-    let holder = std::thread::spawn(move || stall_with(port, ""));
-    std::thread::sleep(Duration::from_millis(500));
+    // The probe of start() has left; now one client holds the only slot,
+    // saying nothing (not even a TLS hello), until the header-read timeout.
+    std::thread::sleep(Duration::from_millis(300));
+    let holder = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let health = curl(&["--max-time", "20", &url(port, "/healthz")]);
     let waited = started.elapsed();
@@ -1008,7 +1010,7 @@ fn connections_are_bounded() {
         waited >= Duration::from_millis(1500),
         "a second connection was served at once ({waited:?}) with --max-connections 1"
     );
-    holder.join().unwrap();
+    drop(holder);
     child.signal(libc::SIGTERM);
     child.wait().code(143);
 }
