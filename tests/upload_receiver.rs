@@ -18,6 +18,9 @@ const MIB: u64 = 1 << 20;
 const TOKEN: &str = "upl-7c1e-secret-token";
 
 fn random_fixture(name: &str, size: u64, seed: u64) -> PathBuf {
+    // Tests share fixtures; two making the same one at once would race.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch().join("fixtures");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
