@@ -1,11 +1,12 @@
 //! Restoring a snapshot's tree into a directory target, in four passes:
 //! 1. walk the tree: create directories, empty files of their final size
 //!    (so zero blobs stay holes), symlinks, hardlinks and special files;
-//! 2. contents: blobs fetched and written by N threads (bounded memory:
-//!    one blob per thread, plus rustic's 32 MB blob cache), each blob's
-//!    SHA-256 compared with its ID before it is written;
-//! 3. after the flush, every file is read back and compared blob by blob
-//!    with the repository's content hashes;
+//! 2. contents: blobs fetched (decrypted and authenticated by rustic_core)
+//!    and written by N threads (bounded memory: one blob per thread, plus
+//!    rustic's 32 MB blob cache);
+//! 3. as soon as a file is complete, the thread that finished it reads it
+//!    back and compares it blob by blob with the repository's content
+//!    hashes (one hash pass, overlapped with the other threads' I/O);
 //! 4. metadata, children before their directory: owner (as root), mode,
 //!    xattrs, times. Failures here fail the restore (rustic only logs them).
 //!
@@ -127,8 +128,6 @@ impl Restorer<'_> {
         self.write_contents(&files, &zero_blobs)?;
         progress.set_stage("flushing");
         populator_core::target::sync_filesystem(&self.root)?;
-        progress.set_stage("verifying");
-        self.verify(&files)?;
         progress.set_stage("metadata");
         for entry in entries.iter().rev() {
             self.ctx.cancel.check()?;
@@ -306,6 +305,9 @@ impl Restorer<'_> {
         for (id, count) in counts {
             if count > 1 {
                 let data = self.fetch(&id)?;
+                if Id::new(Sha256::digest(&data).into()) != id.into_inner() {
+                    return Err(self.blob_error(&id, "its content does not match its hash"));
+                }
                 if data.iter().all(|&b| b == 0) {
                     zeros.insert(id);
                 }
@@ -314,16 +316,12 @@ impl Restorer<'_> {
         Ok(zeros)
     }
 
-    /// One blob from the repository, its hash checked.
+    /// One blob from the repository (authenticated by its encryption; its
+    /// hash is checked when the file is read back).
     fn fetch(&self, id: &DataId) -> Result<bytes::Bytes> {
-        let data = self
-            .repo
+        self.repo
             .get_blob_cached(&(*id).into(), BlobType::Data)
-            .map_err(|e| self.blob_error(id, &rustic_message(&e)))?;
-        if Id::new(Sha256::digest(&data).into()) != id.into_inner() {
-            return Err(self.blob_error(id, "its content does not match its hash"));
-        }
-        Ok(data)
+            .map_err(|e| self.blob_error(id, &rustic_message(&e)))
     }
 
     /// Pass 2: blobs into place, in snapshot order, by `threads` workers.
@@ -345,6 +343,7 @@ impl Restorer<'_> {
                 offset += u64::from(len);
             }
             if file.blobs.is_empty() {
+                self.verify_file(file, &mut Vec::new())?;
                 self.ctx.progress.add_file_done();
             }
         }
@@ -355,13 +354,23 @@ impl Restorer<'_> {
             for _ in 0..self.threads.max(1) {
                 s.spawn(|| {
                     let mut open: Option<(u32, File)> = None;
+                    let mut buf = Vec::new();
                     loop {
                         if failed.load(Ordering::Relaxed) {
                             return;
                         }
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(job) = jobs.get(i) else { return };
-                        let result = self.write_blob(job, files, zero_blobs, &mut open);
+                        let mut result = self.write_blob(job, files, zero_blobs, &mut open);
+                        if result.is_ok()
+                            && remaining[job.file as usize].fetch_sub(1, Ordering::AcqRel) == 1
+                        {
+                            // This thread wrote the file's last blob: the
+                            // whole file is there to be read back.
+                            open = None;
+                            result = self.verify_file(&files[job.file as usize], &mut buf);
+                            self.ctx.progress.add_file_done();
+                        }
                         if let Err(e) = result {
                             failed.store(true, Ordering::Relaxed);
                             first_error
@@ -369,9 +378,6 @@ impl Restorer<'_> {
                                 .unwrap_or_else(|e| e.into_inner())
                                 .get_or_insert(e);
                             return;
-                        }
-                        if remaining[job.file as usize].fetch_sub(1, Ordering::Relaxed) == 1 {
-                            self.ctx.progress.add_file_done();
                         }
                     }
                 });
@@ -419,35 +425,7 @@ impl Restorer<'_> {
         Ok(())
     }
 
-    /// Pass 3: every file read back and compared with the blob hashes.
-    fn verify(&self, files: &[FileJob]) -> Result<()> {
-        let next = AtomicUsize::new(0);
-        let first_error = Mutex::new(None);
-        let failed = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            for _ in 0..self.threads.clamp(1, 4) {
-                s.spawn(|| {
-                    let mut buf = Vec::new();
-                    while !failed.load(Ordering::Relaxed) {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(file) = files.get(i) else { return };
-                        if let Err(e) = self.verify_file(file, &mut buf) {
-                            failed.store(true, Ordering::Relaxed);
-                            first_error
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(e);
-                        }
-                    }
-                });
-            }
-        });
-        match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
+    /// Pass 3: a complete file read back and compared with the blob hashes.
     fn verify_file(&self, job: &FileJob, buf: &mut Vec<u8>) -> Result<()> {
         self.ctx.cancel.check()?;
         let path = self.root.join(&job.dest);
@@ -458,11 +436,10 @@ impl Restorer<'_> {
             file.read_exact_at(buf, offset)
                 .with_context(|| format!("reading back {}", path.display()))?;
             if Id::new(Sha256::digest(&buf[..]).into()) != id.into_inner() {
-                return Err(fail(
-                    Kind::Integrity,
-                    "VerificationFailed",
-                    format!(
-                        "{} differs from the snapshot after restoring (at byte {offset}): the volume did not keep what was written",
+                return Err(self.blob_error(
+                    id,
+                    &format!(
+                        "{} does not match the blob's hash when read back (at byte {offset})",
                         path.display()
                     ),
                 ));

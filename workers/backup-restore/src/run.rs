@@ -37,6 +37,7 @@ fn restore_snapshot(args: &Args, source: &ResticSource, ctx: &Context) -> Result
             ),
         ));
     }
+    bound_allocator_memory();
     let name = source.location.display();
     ctx.report.set("repository", name.clone());
     ctx.progress.set_stage("opening");
@@ -124,6 +125,18 @@ fn restore_snapshot(args: &Args, source: &ResticSource, ctx: &Context) -> Result
         short_bytes(restored.file_bytes),
         short_bytes(restored.data_bytes),
     ))
+}
+
+/// Blobs are up to 8 MiB and pass between threads; glibc's default (an arena
+/// per thread, a mmap threshold that grows after large frees) kept about
+/// 250 MB resident on a 1 GiB restore with 8 threads. Large buffers from
+/// mmap and fewer arenas halve that at a small cost in page faults.
+fn bound_allocator_memory() {
+    // SAFETY: mallopt only tunes the allocator; it takes plain integers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
 }
 
 /// `/a/b/c`, then `b/c`, then `c`.
