@@ -21,7 +21,7 @@ seeds=$(mktemp -d)
 trap 'rm -rf "$seeds"' EXIT
 truncate -s 2M "$seeds/raw"
 head -c 64K /dev/urandom | dd of="$seeds/raw" conv=notrunc status=none
-yes 'some text for compression' | head -c 128K | dd of="$seeds/raw" bs=64K seek=8 conv=notrunc status=none
+head -c 128K < <(yes 'some text for compression') | dd of="$seeds/raw" bs=64K seek=8 conv=notrunc status=none
 seed() { # target name qemu-format options...
   local target=$1 name=$2 format=$3
   shift 3
