@@ -26,6 +26,7 @@ seed() { # target name qemu-format options...
   local target=$1 name=$2 format=$3
   shift 3
   mkdir -p "corpus/$target"
+  [ -e "corpus/$target/$name" ] && return   # kept from an earlier run
   qemu-img convert -q -f raw -O "$format" "$@" "$seeds/raw" "corpus/$target/$name"
 }
 seed qcow2 v3 qcow2 -o cluster_size=4096
