@@ -21,11 +21,12 @@ seeds=$(mktemp -d)
 trap 'rm -rf "$seeds"' EXIT
 truncate -s 2M "$seeds/raw"
 head -c 64K /dev/urandom | dd of="$seeds/raw" conv=notrunc status=none
-yes 'some text for compression' | head -c 128K | dd of="$seeds/raw" bs=64K seek=8 conv=notrunc status=none
+head -c 128K < <(yes 'some text for compression') | dd of="$seeds/raw" bs=64K seek=8 conv=notrunc status=none
 seed() { # target name qemu-format options...
   local target=$1 name=$2 format=$3
   shift 3
   mkdir -p "corpus/$target"
+  [ -e "corpus/$target/$name" ] && return   # kept from an earlier run
   qemu-img convert -q -f raw -O "$format" "$@" "$seeds/raw" "corpus/$target/$name"
 }
 seed qcow2 v3 qcow2 -o cluster_size=4096

@@ -464,6 +464,16 @@ mod tests {
         q[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
         let err = convert_bytes(Format::Qcow2, &q, 1 << 20).unwrap_err();
         assert!(format!("{err:#}").contains("past the end"), "{err:#}");
+        // Found by fuzzing: a descriptor offset whose byte offset overflows.
+        let mut v = vec![0u8; 512];
+        v[..4].copy_from_slice(b"KDMV");
+        v[4..8].copy_from_slice(&1u32.to_le_bytes());
+        v[12..20].copy_from_slice(&2048u64.to_le_bytes());
+        v[20..28].copy_from_slice(&128u64.to_le_bytes());
+        v[28..36].copy_from_slice(&(u64::MAX / 3).to_le_bytes());
+        v[36..44].copy_from_slice(&1u64.to_le_bytes());
+        let err = convert_bytes(Format::Vmdk, &v, 1 << 20).unwrap_err();
+        assert!(format!("{err:#}").contains("impossible size"), "{err:#}");
         for format in [Format::Vmdk, Format::Vhd, Format::Vhdx] {
             assert!(convert_bytes(format, &[0xff; 100], 1 << 20).is_err());
         }

@@ -71,7 +71,7 @@ impl Vmdk {
                 )));
             }
             plan.meta(
-                descriptor_offset * SECTOR,
+                descriptor_offset.saturating_mul(SECTOR),
                 len,
                 Tag::Descriptor,
                 "vmdk descriptor",
@@ -84,7 +84,12 @@ impl Vmdk {
                     "the vmdk has grain markers but no deflate compression; only streamOptimized (deflate) is supported",
                 ));
             }
-            return plan.marker(overhead * SECTOR, MARKER_READ, Tag::Marker, "grain marker");
+            return plan.marker(
+                overhead.saturating_mul(SECTOR),
+                MARKER_READ,
+                Tag::Marker,
+                "grain marker",
+            );
         }
         if flags & FLAG_COMPRESSED != 0 {
             return Err(unsupported(
