@@ -511,6 +511,25 @@ fn raw_images_onto_a_block_device_and_into_disk_img() {
         .run();
     run.success();
     assert_eq!(sha256_file(&fs_dir.join("disk.img")), expected);
+
+    // A qcow2 backup (zlib-compressed clusters) is converted to raw as it
+    // streams, through the core's disk content.
+    let qcow2 = dir.join("disk.qcow2");
+    sh(&format!(
+        "qemu-img convert -c -f raw -O qcow2 {} {}",
+        raw.display(),
+        qcow2.display()
+    ));
+    let qcow2_dir = test_dir("image-qcow2");
+    let run = worker("backup-restore")
+        .arg("--image")
+        .arg(&qcow2)
+        .arg("--target")
+        .arg(&qcow2_dir)
+        .run();
+    run.success();
+    assert_eq!(run.result()["format"], "qcow2", "result: {}", run.result());
+    assert_eq!(sha256_file(&qcow2_dir.join("disk.img")), expected);
 }
 
 #[test]

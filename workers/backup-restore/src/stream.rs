@@ -18,10 +18,11 @@ use url::Url;
 
 use crate::cli::Args;
 
-/// How `--image` content is written. Raw (and compressed raw) images are
-/// `file` content; once the core converts disk formats (qcow2, vmdk, vhd,
-/// vhdx) this becomes `ContentMode::Disk`, which takes raw images too.
-pub const IMAGE_CONTENT: ContentMode = ContentMode::File;
+/// How `--image` content is written: the core's disk content, which takes
+/// raw and compressed raw images and converts qcow2, vmdk, vhd and vhdx to
+/// raw as they stream (an out-of-order layout is spooled, as no range reader
+/// is given here).
+pub const IMAGE_CONTENT: ContentMode = ContentMode::Disk;
 
 /// The name an image gets in a directory target, as the contract's `disk`
 /// content does.
