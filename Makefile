@@ -12,7 +12,7 @@ IMAGE_REPO  ?= localhost/populator
 IMAGE_TAG   ?= dev
 export POPULATOR_BIN_DIR = $(CURDIR)/$(BIN_DIR)
 
-.PHONY: build static images test demo bench lint fmt deps clean fuzz
+.PHONY: build static images test demo bench lint fmt fmt-check deps clean fuzz
 
 build static:
 	cargo build $(CARGO_FLAGS)
@@ -37,8 +37,10 @@ bench: static
 bench-%: static
 	scripts/bench-$*.sh $(BIN_DIR)
 
-lint:
+fmt-check:
 	cargo fmt --all -- --check
+
+lint: fmt-check
 	cargo clippy $(CARGO_FLAGS) --all-targets -- -D warnings
 
 fmt:
