@@ -167,20 +167,16 @@ impl Sink for FileSink {
         let file = writer
             .finish(true)
             .with_context(|| format!("flushing {}", self.write_path.display()))?;
-        if let (Some((uid, gid)), false) = (self.owner, self.kind == TargetKind::Block) {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).with_context(|| {
-                format!(
-                    "setting the owner of {} to {uid}:{gid}",
-                    self.write_path.display()
-                )
-            })?;
+        if self.kind == TargetKind::Block {
+            return Ok(());
         }
-        if self.write_path != self.final_path {
-            fs::rename(&self.write_path, &self.final_path)
-                .with_context(|| format!("moving {} into place", self.final_path.display()))?;
-            File::open(&self.target.path)?.sync_all()?;
-        }
-        Ok(())
+        place_file(
+            &file,
+            self.owner,
+            &self.write_path,
+            &self.final_path,
+            &self.target.path,
+        )
     }
 
     fn abort(&mut self) {
@@ -196,6 +192,32 @@ impl Sink for FileSink {
         m.insert("path".into(), self.final_path.display().to_string().into());
         m
     }
+}
+
+/// Finishes a file written under a hidden name in a directory target: sets
+/// its owner (`--owner`), renames it to its final name and syncs the
+/// directory, so a crash never leaves a complete-looking but unflushed file.
+pub(crate) fn place_file(
+    file: &File,
+    owner: Option<(u32, u32)>,
+    write_path: &Path,
+    final_path: &Path,
+    dir: &Path,
+) -> Result<()> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid)).with_context(|| {
+            format!(
+                "setting the owner of {} to {uid}:{gid}",
+                write_path.display()
+            )
+        })?;
+    }
+    if write_path != final_path {
+        fs::rename(write_path, final_path)
+            .with_context(|| format!("moving {} into place", final_path.display()))?;
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// `archive` content: extracted into a hidden staging directory in the

@@ -371,24 +371,18 @@ impl Sink for DiskSink {
     fn commit(&mut self) -> Result<()> {
         let file = self.written.take().expect("commit after write_stream");
         self.grow(&file)?;
-        if self.kind != TargetKind::Block {
-            file.sync_all()
-                .with_context(|| format!("flushing {}", self.write_path.display()))?;
-            if let Some((uid, gid)) = self.owner {
-                std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).with_context(|| {
-                    format!(
-                        "setting the owner of {} to {uid}:{gid}",
-                        self.write_path.display()
-                    )
-                })?;
-            }
+        if self.kind == TargetKind::Block {
+            return Ok(());
         }
-        if self.write_path != self.final_path {
-            fs::rename(&self.write_path, &self.final_path)
-                .with_context(|| format!("moving {} into place", self.final_path.display()))?;
-            File::open(&self.target.path)?.sync_all()?;
-        }
-        Ok(())
+        file.sync_all()
+            .with_context(|| format!("flushing {}", self.write_path.display()))?;
+        crate::content::place_file(
+            &file,
+            self.owner,
+            &self.write_path,
+            &self.final_path,
+            &self.target.path,
+        )
     }
 
     fn abort(&mut self) {
