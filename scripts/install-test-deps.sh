@@ -12,6 +12,7 @@ packages=(
   tar gzip xz-utils zstd bzip2
   buildah podman runc skopeo
   time procps psmisc
+  file             # build-images.sh refuses dynamically linked binaries
   python3 python3-pip
   git fcgiwrap     # git-http-backend behind nginx, git daemon
   openssh-server openssh-client  # sshd on a high port for git over SSH; rsync over ssh
