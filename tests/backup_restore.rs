@@ -8,11 +8,13 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use populator_tests::daemon::{RestServer, S3Server, S3_ACCESS_KEY, S3_SECRET_KEY};
 use populator_tests::fixtures::{random_file, sha256_file, Noise};
 use populator_tests::loopdev::{Fs, LoopDevice};
-use populator_tests::nginx::nginx;
+use populator_tests::nginx::{free_port, nginx};
+use populator_tests::proxy::{Fault, FaultProxy};
 use populator_tests::run::{worker, Run, WorkerCmd};
 use populator_tests::{require_root, scratch, sh, test_dir};
 
@@ -762,4 +764,88 @@ fn a_relative_backup_path_lands_at_the_target_root() {
     let run = restore(repo, &target).run();
     run.success();
     assert_same_tree(&f.vol.join("d008"), &target, &run);
+}
+
+/// The progress percentage in a scrape of the metrics endpoint.
+fn scraped_progress(port: u16, owner: &str) -> Option<f64> {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-ksf",
+            "--max-time",
+            "2",
+            &format!("https://127.0.0.1:{port}/metrics"),
+        ])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("populator_progress{{ownerUID=\"{owner}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Starts a restore of the REST v2 repository through a throttling proxy,
+/// waits until the metrics endpoint reports it partway, and sends `signal`.
+fn interrupt_midway(proxy: &FaultProxy, target: &Path, signal: i32) -> (Run, Vec<f64>) {
+    let port = free_port();
+    let cmd = restore(&format!("rest:{}", proxy.url("v2/")), target).args([
+        "--connections",
+        "2",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+        "--owner-uid",
+        "br-interrupt",
+    ]);
+    let child = cmd.spawn();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        if let Some(p) = scraped_progress(port, "br-interrupt") {
+            seen.push(p);
+            if p > 5.0 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.signal(signal);
+    (child.wait(), seen)
+}
+
+#[test]
+fn sigterm_or_kill_midway_then_a_rerun_restores_the_whole_tree() {
+    let f = fixture();
+    let proxy = FaultProxy::start(f.rest.port);
+    // About 4 MiB/s over the two connections: the restore takes seconds.
+    proxy.default_fault(Fault::Throttle(2 * MIB));
+    let target = test_dir("interrupted");
+
+    // SIGTERM while files are being written: 143, a Failed result, no
+    // success message; the metrics endpoint served rising progress.
+    let (run, seen) = interrupt_midway(&proxy, &target, libc::SIGTERM);
+    run.code(143).reason("Terminated");
+    assert!(
+        !run.stdout.contains("verified") && !run.stderr.contains("verified"),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        seen.last().is_some_and(|&p| p > 5.0 && p < 100.0),
+        "the metrics never showed a restore partway: {seen:?}{}",
+        run.dump()
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "progress fell: {seen:?}"
+    );
+
+    // SIGKILL leaves no result and half-written files behind; a rerun
+    // (unthrottled) must not take them for restored.
+    let (run, _) = interrupt_midway(&proxy, &target, libc::SIGKILL);
+    assert_eq!(run.code, 128 + libc::SIGKILL, "{}", run.dump());
+    proxy.default_fault(Fault::Pass);
+    let run = restore(&f.rest.repo("v2"), &target).run();
+    run.success();
+    assert_same_tree(&f.vol, &target, &run);
+    assert_eq!(run.result()["files"], SMALL_FILES + 9, "{}", run.dump());
 }

@@ -16,8 +16,9 @@ use crate::s3::S3Backend;
 
 pub type IndexedRepo = Repository<IndexedFullStatus>;
 
-/// Opens, checks the password and reads the index.
-pub fn open(source: &ResticSource) -> Result<IndexedRepo> {
+/// Opens, checks the password and reads the index; the storage comes back
+/// too, for reading pack ranges.
+pub fn open(source: &ResticSource) -> Result<(IndexedRepo, Arc<dyn WriteBackend>)> {
     let name = source.location.display();
     let backend: Arc<dyn WriteBackend> = match &source.location {
         RepoLocation::Local(path) => {
@@ -55,13 +56,15 @@ pub fn open(source: &ResticSource) -> Result<IndexedRepo> {
         }
     };
     let options = RepositoryOptions::default().no_cache(true);
-    let repo = Repository::new(&options, &RepositoryBackends::new(backend, None))
+    let repo = Repository::new(&options, &RepositoryBackends::new(backend.clone(), None))
         .map_err(|e| from_rustic(&e, Kind::Usage, "InvalidConfiguration", &name))?;
     let repo = repo
         .open(&Credentials::password(source.password.expose()))
         .map_err(|e| open_error(&e, &name))?;
-    repo.to_indexed()
-        .map_err(|e| from_rustic(&e, Kind::Integrity, "CorruptRepository", &name))
+    let repo = repo
+        .to_indexed()
+        .map_err(|e| from_rustic(&e, Kind::Integrity, "CorruptRepository", &name))?;
+    Ok((repo, backend))
 }
 
 /// The snapshot asked for, among those that pass the filters.

@@ -14,20 +14,24 @@
 //! (the process aborts without a result) and its 20 readers buffer whole
 //! pack ranges (400–800 MB RSS in the probe).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
+use std::num::NonZeroU32;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use aes256ctr_poly1305aes::aead::AeadInPlace;
+use aes256ctr_poly1305aes::{Aes256CtrPoly1305Aes, Nonce, Tag};
 use anyhow::{Context as _, Result};
 use populator_core::error::{fail, Kind};
 use populator_core::worker::Context;
-use rustic_core::repofile::{BlobType, Node, NodeType};
-use rustic_core::{DataId, Id, LsOptions};
+use rustic_core::repofile::{BlobType, Node, NodeType, PackId};
+use rustic_core::{DataId, FileType, Id, LsOptions, ReadBackend, WriteBackend};
 use sha2::{Digest, Sha256};
 
 use crate::repo::{rustic_message, IndexedRepo};
@@ -57,16 +61,37 @@ struct FileJob {
     blobs: Vec<(DataId, u32)>,
 }
 
-/// One blob at its place in a file.
-struct BlobJob {
-    file: u32,
-    offset: u64,
+/// One blob of a pack and the places it goes: (file index, offset).
+struct PackBlob {
     id: DataId,
-    len: u32,
+    /// Where the sealed blob is in its pack.
+    offset: u32,
+    length: u32,
+    /// Set when the blob is compressed (repository version 2).
+    uncompressed_length: Option<NonZeroU32>,
+    targets: Vec<(u32, u64)>,
 }
+
+/// One read of a pack: a range that holds blobs the snapshot needs, read
+/// at once and cut into its blobs (a read per blob cost an open, a seek and
+/// a read each through rustic's local backend).
+struct PackRead {
+    pack: PackId,
+    offset: u32,
+    length: u32,
+    blobs: Vec<PackBlob>,
+}
+
+/// Ranges of one pack are cut where the needed blobs are more than this
+/// apart (reading the gap would cost more than another read)…
+const MAX_GAP: u32 = 1 << 20;
+/// …or grow beyond this, which bounds memory: each thread holds one range.
+const MAX_RANGE: u32 = 4 << 20;
 
 pub struct Restorer<'a> {
     pub repo: &'a IndexedRepo,
+    /// The repository's storage, for reading pack ranges directly.
+    pub backend: Arc<dyn WriteBackend>,
     pub repo_name: String,
     pub root: PathBuf,
     pub threads: usize,
@@ -223,17 +248,31 @@ impl Restorer<'_> {
     /// Pass 1b: directories, empty files of their final size, links, specials.
     fn create_nodes(&self, entries: &[Entry], restored: &mut Restored) -> Result<()> {
         let mut hardlinks: HashMap<(u64, u64), PathBuf> = HashMap::new();
+        // Directories this run created: nothing of an earlier attempt can
+        // be in them, so their entries skip the leftover check (a stat each).
+        let mut fresh_dirs: HashSet<&Path> = HashSet::new();
         for entry in entries {
             self.ctx.cancel.check()?;
             let path = self.root.join(&entry.dest);
             let node = &entry.node;
+            let in_fresh_dir = entry.dest.parent().is_some_and(|p| fresh_dirs.contains(p));
+            let make_room = |path: &Path, want_dir: bool| {
+                if in_fresh_dir {
+                    Ok(())
+                } else {
+                    make_room(path, want_dir)
+                }
+            };
             let created = (|| -> Result<()> {
                 match &node.node_type {
                     NodeType::Dir => {
                         make_room(&path, true)?;
                         match fs::create_dir(&path) {
                             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                            other => other?,
+                            other => {
+                                other?;
+                                fresh_dirs.insert(&entry.dest);
+                            }
                         }
                         restored.dirs += 1;
                     }
@@ -324,54 +363,135 @@ impl Restorer<'_> {
             .map_err(|e| self.blob_error(id, &rustic_message(&e)))
     }
 
-    /// Pass 2: blobs into place, in snapshot order, by `threads` workers.
-    fn write_contents(&self, files: &[FileJob], zero_blobs: &HashSet<DataId>) -> Result<()> {
-        let mut jobs = Vec::new();
-        let remaining: Vec<AtomicU32> = files
-            .iter()
-            .map(|f| AtomicU32::new(f.blobs.len() as u32))
-            .collect();
+    /// The pack reads that bring every needed blob once, in the order the
+    /// snapshot first needs their packs (restic writes packs in that order,
+    /// so reads go forward through the repository).
+    fn plan_reads(
+        &self,
+        files: &[FileJob],
+        zero_blobs: &HashSet<DataId>,
+    ) -> Result<(Vec<PackRead>, Vec<u32>)> {
+        let mut blobs: Vec<PackBlob> = Vec::new();
+        let mut blob_index: HashMap<DataId, usize> = HashMap::new();
+        let mut packs: Vec<(PackId, Vec<usize>)> = Vec::new();
+        let mut pack_index: HashMap<PackId, usize> = HashMap::new();
+        let mut writes_per_file = vec![0u32; files.len()];
         for (i, file) in files.iter().enumerate() {
-            let mut offset = 0;
+            let mut offset = 0u64;
             for &(id, len) in &file.blobs {
-                jobs.push(BlobJob {
-                    file: i as u32,
-                    offset,
-                    id,
-                    len,
-                });
+                if !zero_blobs.contains(&id) {
+                    let b = match blob_index.get(&id) {
+                        Some(&b) => b,
+                        None => {
+                            let entry = self
+                                .repo
+                                .get_index_entry(&id)
+                                .map_err(|e| self.read_error(&e, "looking up a blob"))?;
+                            let p = *pack_index.entry(entry.pack).or_insert_with(|| {
+                                packs.push((entry.pack, Vec::new()));
+                                packs.len() - 1
+                            });
+                            packs[p].1.push(blobs.len());
+                            blob_index.insert(id, blobs.len());
+                            blobs.push(PackBlob {
+                                id,
+                                offset: entry.location.offset,
+                                length: entry.location.length,
+                                uncompressed_length: entry.location.uncompressed_length,
+                                targets: Vec::new(),
+                            });
+                            blobs.len() - 1
+                        }
+                    };
+                    blobs[b].targets.push((i as u32, offset));
+                    writes_per_file[i] += 1;
+                }
                 offset += u64::from(len);
             }
-            if file.blobs.is_empty() {
-                self.verify_file(file, &mut Vec::new())?;
-                self.ctx.progress.add_file_done();
+        }
+        let mut slots: Vec<Option<PackBlob>> = blobs.into_iter().map(Some).collect();
+        let mut reads = Vec::new();
+        for (pack, mut members) in packs {
+            members.sort_by_key(|&b| slots[b].as_ref().map_or(0, |b| b.offset));
+            let mut current: Option<PackRead> = None;
+            for b in members {
+                let blob = slots[b].take().expect("each blob is in one pack");
+                let (start, end) = (blob.offset, blob.offset + blob.length);
+                match current.as_mut() {
+                    Some(read)
+                        if start <= read.offset + read.length + MAX_GAP
+                            && end - read.offset <= MAX_RANGE =>
+                    {
+                        read.length = read.length.max(end - read.offset);
+                        read.blobs.push(blob);
+                    }
+                    _ => {
+                        reads.extend(current.take());
+                        current = Some(PackRead {
+                            pack,
+                            offset: start,
+                            length: end - start,
+                            blobs: vec![blob],
+                        });
+                    }
+                }
+            }
+            reads.extend(current);
+        }
+        Ok((reads, writes_per_file))
+    }
+
+    /// Pass 2: pack ranges read by `threads` workers, each cutting its
+    /// range into blobs (decrypted and authenticated here) and writing them
+    /// at their offsets. The thread that writes a file's last blob reads
+    /// the file back through the same descriptor (pass 3).
+    fn write_contents(&self, files: &[FileJob], zero_blobs: &HashSet<DataId>) -> Result<()> {
+        let (reads, writes_per_file) = self.plan_reads(files, zero_blobs)?;
+        let key = self.repo.key();
+        let mut raw_key = aes256ctr_poly1305aes::Key::default();
+        raw_key[0..32].copy_from_slice(&key.encrypt);
+        raw_key[32..48].copy_from_slice(&key.mac.k);
+        raw_key[48..64].copy_from_slice(&key.mac.r);
+        let cipher = Aes256CtrPoly1305Aes::new(&raw_key);
+        let progress = &self.ctx.progress;
+        let mut buf = Vec::new();
+        for (i, file) in files.iter().enumerate() {
+            let zeros: u64 = file
+                .blobs
+                .iter()
+                .filter(|(id, _)| zero_blobs.contains(id))
+                .map(|(_, len)| u64::from(*len))
+                .sum();
+            progress.advance(zeros);
+            if writes_per_file[i] == 0 {
+                let path = self.root.join(&file.dest);
+                let handle = File::open(&path)
+                    .with_context(|| format!("reading back {}", path.display()))?;
+                self.verify_file(file, &handle, &mut buf)?;
+                progress.add_file_done();
             }
         }
+        let remaining: Vec<AtomicU32> = writes_per_file.into_iter().map(AtomicU32::new).collect();
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let first_error = Mutex::new(None);
         std::thread::scope(|s| {
             for _ in 0..self.threads.max(1) {
                 s.spawn(|| {
-                    let mut open: Option<(u32, File)> = None;
-                    let mut buf = Vec::new();
+                    let mut writer = Writer {
+                        restorer: self,
+                        files,
+                        remaining: &remaining,
+                        open: None,
+                        buf: Vec::new(),
+                    };
                     loop {
                         if failed.load(Ordering::Relaxed) {
                             return;
                         }
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(job) = jobs.get(i) else { return };
-                        let mut result = self.write_blob(job, files, zero_blobs, &mut open);
-                        if result.is_ok()
-                            && remaining[job.file as usize].fetch_sub(1, Ordering::AcqRel) == 1
-                        {
-                            // This thread wrote the file's last blob: the
-                            // whole file is there to be read back.
-                            open = None;
-                            result = self.verify_file(&files[job.file as usize], &mut buf);
-                            self.ctx.progress.add_file_done();
-                        }
-                        if let Err(e) = result {
+                        let Some(read) = reads.get(i) else { return };
+                        if let Err(e) = writer.restore_range(read, &cipher) {
                             failed.store(true, Ordering::Relaxed);
                             first_error
                                 .lock()
@@ -389,58 +509,22 @@ impl Restorer<'_> {
         }
     }
 
-    fn write_blob(
-        &self,
-        job: &BlobJob,
-        files: &[FileJob],
-        zero_blobs: &HashSet<DataId>,
-        open: &mut Option<(u32, File)>,
-    ) -> Result<()> {
+    /// Pass 3: a complete file read back and compared with the blob hashes
+    /// (holes included: a zero blob must read back as zeros).
+    fn verify_file(&self, job: &FileJob, file: &File, buf: &mut Vec<u8>) -> Result<()> {
         self.ctx.cancel.check()?;
-        let progress = &self.ctx.progress;
-        if zero_blobs.contains(&job.id) {
-            progress.advance(u64::from(job.len));
-            return Ok(());
-        }
-        let data = self.fetch(&job.id)?;
-        progress.add_read(data.len() as u64);
-        if data.iter().all(|&b| b == 0) {
-            progress.advance(u64::from(job.len));
-            return Ok(());
-        }
-        let path = self.root.join(&files[job.file as usize].dest);
-        if open.as_ref().map(|(f, _)| *f) != Some(job.file) {
-            let file = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            *open = Some((job.file, file));
-        }
-        let (_, file) = open.as_ref().expect("just opened");
-        file.write_all_at(&data, job.offset)
-            .with_context(|| format!("writing {}", path.display()))?;
-        progress.add_written(data.len() as u64);
-        progress.advance(data.len() as u64);
-        Ok(())
-    }
-
-    /// Pass 3: a complete file read back and compared with the blob hashes.
-    fn verify_file(&self, job: &FileJob, buf: &mut Vec<u8>) -> Result<()> {
-        self.ctx.cancel.check()?;
-        let path = self.root.join(&job.dest);
-        let file = File::open(&path).with_context(|| format!("reading back {}", path.display()))?;
+        let path = || self.root.join(&job.dest);
         let mut offset = 0u64;
         for (id, len) in &job.blobs {
             buf.resize(*len as usize, 0);
             file.read_exact_at(buf, offset)
-                .with_context(|| format!("reading back {}", path.display()))?;
+                .with_context(|| format!("reading back {}", path().display()))?;
             if Id::new(Sha256::digest(&buf[..]).into()) != id.into_inner() {
                 return Err(self.blob_error(
                     id,
                     &format!(
                         "{} does not match the blob's hash when read back (at byte {offset})",
-                        path.display()
+                        path().display()
                     ),
                 ));
             }
@@ -453,13 +537,12 @@ impl Restorer<'_> {
                 "VerificationFailed",
                 format!(
                     "{} is {size} bytes after restoring, the snapshot says {offset}",
-                    path.display()
+                    path().display()
                 ),
             ));
         }
         Ok(())
     }
-
     /// A blob that cannot be read or does not match: the pack file that
     /// holds it is named, so that a person can repair the repository.
     fn blob_error(&self, id: &DataId, why: &str) -> anyhow::Error {
@@ -494,6 +577,143 @@ impl Restorer<'_> {
             format!("{what} in {}: {}", self.repo_name, rustic_message(err)),
         )
     }
+}
+
+/// One pass-2 thread: the file it last wrote stays open for its next blob.
+struct Writer<'r, 'a> {
+    restorer: &'r Restorer<'a>,
+    files: &'r [FileJob],
+    remaining: &'r [AtomicU32],
+    open: Option<(u32, File)>,
+    buf: Vec<u8>,
+}
+
+impl Writer<'_, '_> {
+    fn restore_range(&mut self, read: &PackRead, cipher: &Aes256CtrPoly1305Aes) -> Result<()> {
+        let r = self.restorer;
+        r.ctx.cancel.check()?;
+        let first = &read.blobs[0].id;
+        let data = r
+            .backend
+            .read_partial(
+                FileType::Pack,
+                &read.pack.into_inner(),
+                false,
+                read.offset,
+                read.length,
+            )
+            .map_err(|e| r.blob_error(first, &rustic_message(&e)))?;
+        if data.len() != read.length as usize {
+            return Err(r.blob_error(
+                first,
+                &format!(
+                    "the pack file ends early ({} of {} bytes at offset {})",
+                    data.len(),
+                    read.length,
+                    read.offset
+                ),
+            ));
+        }
+        r.ctx.progress.add_read(data.len() as u64);
+        let mut data: Vec<u8> = data.into();
+        for blob in &read.blobs {
+            let start = (blob.offset - read.offset) as usize;
+            let sealed = &mut data[start..start + blob.length as usize];
+            let plain = open_blob(cipher, sealed, blob.uncompressed_length)
+                .map_err(|why| r.blob_error(&blob.id, &why))?;
+            let hole = plain.iter().all(|&b| b == 0);
+            for &(file, offset) in &blob.targets {
+                if hole {
+                    // The file was created at its full size: zeros are there.
+                    r.ctx.progress.advance(plain.len() as u64);
+                } else {
+                    self.write_at(file, offset, &plain)?;
+                }
+                if self.remaining[file as usize].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    self.file_complete(file)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, file: u32, offset: u64, data: &[u8]) -> Result<()> {
+        let r = self.restorer;
+        let handle = self.handle(file)?;
+        handle.write_all_at(data, offset).with_context(|| {
+            format!(
+                "writing {}",
+                r.root.join(&self.files[file as usize].dest).display()
+            )
+        })?;
+        r.ctx.progress.add_written(data.len() as u64);
+        r.ctx.progress.advance(data.len() as u64);
+        Ok(())
+    }
+
+    /// The file open for reading and writing (reused from the last blob).
+    fn handle(&mut self, file: u32) -> Result<&File> {
+        if self.open.as_ref().map(|(f, _)| *f) != Some(file) {
+            let path = self.restorer.root.join(&self.files[file as usize].dest);
+            let handle = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            self.open = Some((file, handle));
+        }
+        Ok(&self.open.as_ref().expect("just opened").1)
+    }
+
+    /// This thread wrote the file's last blob: the whole file is there to
+    /// be read back.
+    fn file_complete(&mut self, file: u32) -> Result<()> {
+        self.handle(file)?;
+        let (_, handle) = self.open.take().expect("just opened");
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = self
+            .restorer
+            .verify_file(&self.files[file as usize], &handle, &mut buf);
+        self.buf = buf;
+        self.restorer.ctx.progress.add_file_done();
+        result
+    }
+}
+
+/// A sealed blob (nonce, ciphertext, MAC) opened in place: authenticated,
+/// decrypted, and decompressed when the repository compressed it.
+fn open_blob<'d>(
+    cipher: &Aes256CtrPoly1305Aes,
+    sealed: &'d mut [u8],
+    uncompressed_length: Option<NonZeroU32>,
+) -> std::result::Result<Cow<'d, [u8]>, String> {
+    if sealed.len() < 32 {
+        return Err(format!(
+            "the blob is {} bytes, too short to be sealed",
+            sealed.len()
+        ));
+    }
+    let (nonce, rest) = sealed.split_at_mut(16);
+    let (text, tag) = rest.split_at_mut(rest.len() - 16);
+    cipher
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), b"", text, Tag::from_slice(tag))
+        .map_err(|_| {
+            "its MAC does not match (the data is damaged or not from this repository)".to_string()
+        })?;
+    let Some(length) = uncompressed_length else {
+        return Ok(Cow::Borrowed(text));
+    };
+    let plain = zstd::bulk::decompress(text, length.get() as usize)
+        .map_err(|e| format!("it does not decompress: {e}"))?;
+    if plain.len() != length.get() as usize {
+        return Err(format!(
+            "it decompresses to {} bytes, the index says {}",
+            plain.len(),
+            length
+        ));
+    }
+    Ok(Cow::Owned(plain))
 }
 
 /// Names of one file: restic records the inode and link count.

@@ -41,7 +41,7 @@ fn restore_snapshot(args: &Args, source: &ResticSource, ctx: &Context) -> Result
     let name = source.location.display();
     ctx.report.set("repository", name.clone());
     ctx.progress.set_stage("opening");
-    let repo = repo::open(source)?;
+    let (repo, backend) = repo::open(source)?;
     let snap = repo::select_snapshot(&repo, source)?;
     let snap_id = snap.id.to_hex().to_string();
     ctx.report.set("snapshotId", snap_id.clone());
@@ -101,6 +101,7 @@ fn restore_snapshot(args: &Args, source: &ResticSource, ctx: &Context) -> Result
     };
     let restorer = Restorer {
         repo: &repo,
+        backend,
         repo_name: name.clone(),
         root: target.path.clone(),
         threads: source.connections,
