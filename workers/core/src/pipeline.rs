@@ -39,7 +39,9 @@ const IN_FLIGHT_BYTES: u32 = 8 << 20;
 const MAX_CHUNK: usize = 1 << 20;
 /// How often a source may start over from zero before the import fails.
 const MAX_RESTARTS: u32 = 3;
-const COPY_BUFFER: usize = 256 * 1024;
+/// The sink's copy buffer: the writer's chunk size, so full buffers go
+/// from here to the target without another copy.
+const COPY_BUFFER: usize = crate::writer::CHUNK;
 
 /// A share of the in-flight budget, returned when the sink has consumed the
 /// chunk that holds it.
@@ -343,18 +345,26 @@ impl Read for ChannelReader {
     }
 }
 
-/// `io::copy` with a large buffer (the std one reads 8 KiB at a time).
+/// `io::copy` with a large buffer (the std one reads 8 KiB at a time). The
+/// buffer is filled before it is written: sources deliver pieces of a few
+/// hundred KiB, and whole buffers pass through the writer without a copy.
 pub fn copy(reader: &mut dyn Read, writer: &mut dyn Write) -> io::Result<u64> {
     let mut buf = vec![0u8; COPY_BUFFER];
     let mut total = 0;
     loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        writer.write_all(&buf[..n])?;
-        total += n as u64;
+        let mut filled = 0;
+        while filled < buf.len() {
+            match reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        writer.write_all(&buf[..filled])?;
+        total += filled as u64;
     }
 }

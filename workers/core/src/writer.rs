@@ -15,7 +15,7 @@ use crate::progress::Progress;
 use crate::target::human_bytes;
 
 /// Bytes gathered before they are examined for zeros and written.
-const CHUNK: usize = 1 << 20;
+pub const CHUNK: usize = 1 << 20;
 /// Zero detection granularity: a page, the smallest hole a filesystem keeps.
 const GRAIN: usize = 4096;
 /// Page-cache window: written data is pushed to disk and dropped from the cache
@@ -139,7 +139,15 @@ impl VolumeWriter {
     }
 
     fn write_buffer(&mut self) -> io::Result<()> {
-        let buf = std::mem::take(&mut self.buf);
+        let mut buf = std::mem::take(&mut self.buf);
+        let written = self.write_region(&buf);
+        buf.clear();
+        self.buf = buf;
+        written
+    }
+
+    /// Writes `buf` at the current offset, zero blocks as zero regions.
+    fn write_region(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut at = 0;
         while at < buf.len() {
             let end = (at + GRAIN).min(buf.len());
@@ -168,8 +176,6 @@ impl VolumeWriter {
             at = run_end;
         }
         self.offset += buf.len() as u64;
-        self.buf = buf;
-        self.buf.clear();
         self.drop_cache_behind()?;
         Ok(())
     }
@@ -270,6 +276,14 @@ impl Write for VolumeWriter {
                     ),
                 ));
             }
+        }
+        if self.buf.is_empty() && data.len() >= CHUNK {
+            // A whole chunk: straight from the caller's buffer.
+            self.write_region(&data[..CHUNK])?;
+            if let Some(p) = &self.progress {
+                p.add_written(CHUNK as u64);
+            }
+            return Ok(CHUNK);
         }
         if self.buf.capacity() == 0 {
             self.buf.reserve_exact(CHUNK);

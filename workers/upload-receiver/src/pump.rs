@@ -110,6 +110,29 @@ impl Limits {
     }
 }
 
+/// How long, and how much of, a refused request's body is read and dropped.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 << 20;
+
+/// A lingering close for a request answered before its body was read (401,
+/// 409, 413, 503, a failed write): the body is read and dropped for a short
+/// while, so that the client reads the answer instead of a connection reset
+/// (closing a socket with unread data sends RST, which discards the answer
+/// in the client's receive buffer). curl stops sending once it sees the
+/// answer. Needs a tokio runtime.
+pub async fn linger(mut body: Incoming) {
+    let drain = async {
+        let mut read = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |d| d.len());
+            if read > LINGER_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+}
+
 fn deadline_error(at: &str) -> anyhow::Error {
     fail(
         Kind::Transient,

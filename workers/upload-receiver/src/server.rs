@@ -265,6 +265,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared, peer: &Peer) -> Answer 
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
     if let Err(why) = shared.auth.check(authorization, peer) {
+        tokio::spawn(crate::pump::linger(req.into_body()));
         return respond(
             Reply::new(StatusCode::UNAUTHORIZED, format!("unauthorized: {why}"))
                 .header("www-authenticate", "Bearer"),
@@ -303,6 +304,7 @@ async fn cdi_upload(req: Request<Incoming>, shared: &Shared, wait: Wait, form: b
         Err(reply) => respond(reply),
         Ok((upload, answer)) => {
             if let Err(reply) = shared.claim() {
+                tokio::spawn(crate::pump::linger(upload.body));
                 return respond(reply);
             }
             if shared.jobs.send(Job::Upload(upload)).await.is_err() {

@@ -25,6 +25,9 @@ use crate::resumable::Resumable;
 use crate::server::{Job, Phase, Reply, Shared, Upload, Wait};
 use crate::tus::{Segment, Session};
 
+/// Room for a form's boundaries and part headers around its file.
+const FORM_FRAMING: u64 = 1 << 20;
+
 pub struct Runner<'a> {
     pub runtime: &'a Runtime,
     pub shared: Arc<Shared>,
@@ -42,21 +45,82 @@ enum Ending {
     Completed(String),
     /// The client's fault; the receiver waits for the next upload.
     Dropped,
+    /// A tus file upload that got no PATCH for the idle timeout: it no
+    /// longer holds the receiver, but resumes when a PATCH comes before
+    /// another upload starts.
+    Parked(Box<Parked>),
 }
+
+pub struct Parked {
+    session: Session,
+    writer: Resumable,
+    spec: ContentSpec,
+}
+
+/// What the runner waits for next.
+enum Next {
+    Job(Job),
+    /// A PATCH of the parked tus upload.
+    Resume(crate::tus::Segment),
+}
+
+/// The reason of "no PATCH within the idle timeout".
+const TUS_IDLE: &str = "TusIdle";
 
 impl Runner<'_> {
     /// Serves jobs until one upload completes (the summary) or fails for good.
     pub fn run(&self, jobs: &mut tokio::sync::mpsc::Receiver<Job>) -> Result<String> {
+        let mut parked: Option<Box<Parked>> = None;
         loop {
-            let job = self.runtime.block_on(self.limits.bounded(async {
-                jobs.recv()
-                    .await
-                    .ok_or_else(|| fail(Kind::Internal, "InternalError", "the server stopped"))
+            let next = self.runtime.block_on(self.limits.bounded(async {
+                let closed = || fail(Kind::Internal, "InternalError", "the server stopped");
+                match parked.as_mut() {
+                    None => jobs.recv().await.map(Next::Job).ok_or_else(closed),
+                    Some(p) => tokio::select! {
+                        job = jobs.recv() => job.map(Next::Job).ok_or_else(closed),
+                        patch = p.session.segments.recv() => patch.map(Next::Resume).ok_or_else(closed),
+                    },
+                }
             }))?;
-            let ending = match job {
-                Job::Upload(upload) => self.upload(upload),
-                Job::Tus(session) => self.tus(session),
-            }?;
+            let ending = match next {
+                Next::Resume(patch) => {
+                    let mut p = parked
+                        .take()
+                        .expect("a PATCH comes only from a parked upload");
+                    if let Err(reply) = self.shared.claim() {
+                        // Another upload claimed the receiver meanwhile.
+                        answer(&mut Some(patch.reply), reply);
+                        self.linger(patch.body);
+                        parked = Some(p);
+                        continue;
+                    }
+                    populator_core::log::info(format!(
+                        "tus upload {} resumed at {} bytes",
+                        p.session.id,
+                        p.session.offset.load(Ordering::SeqCst)
+                    ));
+                    p.session.pending = Some(patch);
+                    self.ctx.progress.set_stage("receiving");
+                    self.tus_file(p.session, p.writer, &p.spec)?
+                }
+                Next::Job(job) => {
+                    if let Some(p) = parked.take() {
+                        populator_core::log::warn(format!(
+                            "another upload started: the parked tus upload {} at {} of {} bytes is discarded",
+                            p.session.id,
+                            p.session.offset.load(Ordering::SeqCst),
+                            p.session.length
+                        ));
+                        self.shared.tus.forget(&p.session.id);
+                        p.writer.abort();
+                        self.ctx.progress.restart();
+                    }
+                    match job {
+                        Job::Upload(upload) => self.upload(upload),
+                        Job::Tus(session) => self.tus(session),
+                    }?
+                }
+            };
             match ending {
                 Ending::Completed(summary) => {
                     self.shared.set_phase(Phase::Done);
@@ -66,6 +130,21 @@ impl Runner<'_> {
                     self.ctx.progress.restart();
                     self.ctx.progress.set_stage("waiting");
                     self.shared.set_phase(Phase::Idle);
+                }
+                Ending::Parked(p) => {
+                    populator_core::log::warn(format!(
+                        "tus upload {} got no PATCH for {} s (--idle-timeout) at {} of {} bytes: \
+                         it no longer holds the receiver; a client may resume it at /files/{} \
+                         until another upload starts",
+                        p.session.id,
+                        self.limits.idle.as_secs_f64(),
+                        p.session.offset.load(Ordering::SeqCst),
+                        p.session.length,
+                        p.session.id
+                    ));
+                    self.ctx.progress.set_stage("waiting");
+                    self.shared.set_phase(Phase::Idle);
+                    parked = Some(p);
                 }
             }
         }
@@ -85,6 +164,7 @@ impl Runner<'_> {
         let mut reply = Some(reply);
         if let Err(e) = self.check_declared(content_length, form_boundary.is_some()) {
             answer(&mut reply, too_large(&e));
+            self.linger(body);
             return Err(e);
         }
         let mut spec = self.spec.clone();
@@ -92,8 +172,11 @@ impl Runner<'_> {
         self.ctx.progress.set_total(content_length);
         self.ctx.progress.set_stage("receiving");
         let mut body = Some(body);
+        // A raw body that the pipeline stopped taking (no space, a bad
+        // archive): kept for the lingering close after the answer.
+        let mut unread = None;
         let outcome = run_stream(&self.target, &spec, self.ctx, |sender| {
-            let body = body.take().ok_or_else(|| {
+            let mut body = body.take().ok_or_else(|| {
                 fail(
                     Kind::Internal,
                     "InternalError",
@@ -102,7 +185,13 @@ impl Runner<'_> {
             })?;
             self.runtime.block_on(async {
                 match &form_boundary {
-                    None => self.pump_body(body, &sender).await?,
+                    None => {
+                        let pumped = self.pump_body(&mut body, &sender).await;
+                        if pumped.is_err() {
+                            unread = Some(body);
+                        }
+                        pumped?
+                    }
                     Some(boundary) => self.pump_form(body, boundary, &sender).await?,
                 }
                 sender.finish().await
@@ -116,7 +205,16 @@ impl Runner<'_> {
             }
             Ok(())
         });
-        self.finish(outcome, &mut reply, "upload")
+        let ending = self.finish(outcome, &mut reply, "upload");
+        if let Some(body) = unread {
+            self.linger(body);
+        }
+        ending
+    }
+
+    /// Drains a body answered early in the background (see [`crate::pump::linger`]).
+    fn linger(&self, body: hyper::body::Incoming) {
+        self.runtime.spawn(crate::pump::linger(body));
     }
 
     /// Answers the client and decides what the outcome means for the receiver.
@@ -171,17 +269,31 @@ impl Runner<'_> {
     /// A declared size over capacity is refused before any byte is read
     /// (413, exit 4). Only for file content: an archive or a compressed
     /// stream may grow or shrink on the way.
+    ///
+    /// A form's Content-Length also counts its boundaries and part headers
+    /// (a few hundred bytes for CDI's clients, which send only the `file`
+    /// field): a form more than [`FORM_FRAMING`] larger than the volume
+    /// cannot carry a file that fits. A smaller one is checked while
+    /// writing (507).
     fn check_declared(&self, size: Option<u64>, form: bool) -> Result<()> {
         match size {
             Some(size) if self.spec.mode == ContentMode::File && !form => {
                 self.target.check_fits(size, "the declared upload")
             }
+            Some(size) if self.spec.mode == ContentMode::File => self.target.check_fits(
+                size.saturating_sub(FORM_FRAMING),
+                "the form's file (its Content-Length less 1 MiB for the form's framing)",
+            ),
             _ => Ok(()),
         }
     }
 
-    async fn pump_body(&self, mut body: hyper::body::Incoming, sender: &ChunkSender) -> Result<()> {
-        while let Some(data) = self.limits.next_data(&mut body).await? {
+    async fn pump_body(
+        &self,
+        body: &mut hyper::body::Incoming,
+        sender: &ChunkSender,
+    ) -> Result<()> {
+        while let Some(data) = self.limits.next_data(body).await? {
             sender.send(data).await?;
         }
         Ok(())
@@ -265,11 +377,32 @@ impl Runner<'_> {
         // the upload even before its first PATCH.
         let writer = Resumable::create(&self.target, &spec, &session, &spec.file_name, self.ctx)?;
         session.announce_created();
-        if session.length == 0 {
-            return self.tus_direct(session, writer, None, &spec);
+        self.tus_file(session, writer, &spec)
+    }
+
+    /// A tus upload of a plain file, created or parked: straight to its
+    /// place unless its first bytes show compression.
+    fn tus_file(
+        &self,
+        mut session: Session,
+        writer: Resumable,
+        spec: &ContentSpec,
+    ) -> Result<Ending> {
+        if session.length == 0 || session.offset.load(Ordering::SeqCst) > 0 {
+            return self.tus_direct(session, writer, None, spec);
         }
         // Its first bytes tell whether it is compressed.
-        let first = self.first_bytes(&mut session).inspect_err(|e| {
+        let first = match self.first_bytes(&mut session) {
+            Err(e) if classify(&e).reason == TUS_IDLE => {
+                return Ok(Ending::Parked(Box::new(Parked {
+                    session,
+                    writer,
+                    spec: spec.clone(),
+                })))
+            }
+            first => first,
+        };
+        let first = first.inspect_err(|e| {
             // Kept for a restart when terminated; a deadline ends it for good.
             if classify(e).kind != Kind::Terminated {
                 writer.abort();
@@ -285,9 +418,9 @@ impl Runner<'_> {
             // Decompression cannot resume after a restart: through the
             // pipeline, resumable while this receiver lives.
             writer.abort();
-            return self.tus_pipeline(session, Some((segment, first)), &spec);
+            return self.tus_pipeline(session, Some((segment, first)), spec);
         }
-        self.tus_direct(session, writer, Some((segment, first)), &spec)
+        self.tus_direct(session, writer, Some((segment, first)), spec)
     }
 
     /// Waits for the first PATCH and its first bytes (up to 6, enough for
@@ -320,10 +453,29 @@ impl Runner<'_> {
     }
 
     fn next_segment(&self, session: &mut Session) -> Result<Option<Segment>> {
-        self.runtime.block_on(
-            self.limits
-                .bounded(async { Ok(session.segments.recv().await) }),
-        )
+        self.runtime
+            .block_on(self.limits.bounded(self.wait_segment(session)))
+    }
+
+    /// The next PATCH of `session`: one that arrived while it was parked,
+    /// or one within the idle timeout (else a [`TUS_IDLE`] error).
+    async fn wait_segment(&self, session: &mut Session) -> Result<Option<Segment>> {
+        if let Some(patch) = session.pending.take() {
+            return Ok(Some(patch));
+        }
+        tokio::time::timeout(self.limits.idle, session.segments.recv())
+            .await
+            .map_err(|_| {
+                fail(
+                    Kind::Transient,
+                    TUS_IDLE,
+                    format!(
+                        "tus upload {} got no PATCH for {} s (--idle-timeout)",
+                        session.id,
+                        self.limits.idle.as_secs_f64()
+                    ),
+                )
+            })
     }
 
     /// tus into the resumable writer: bytes land at their offset, state is
@@ -352,6 +504,14 @@ impl Runner<'_> {
         });
         let mut last = match received {
             Ok(last) => last,
+            Err(e) if classify(&e).reason == TUS_IDLE => {
+                writer.checkpoint()?;
+                return Ok(Ending::Parked(Box::new(Parked {
+                    session,
+                    writer,
+                    spec: spec.clone(),
+                })));
+            }
             Err(e) if classify(&e).kind == Kind::Terminated => {
                 // Stopped from outside: keep what arrived, so that the
                 // receiver started again resumes it.
@@ -419,6 +579,13 @@ impl Runner<'_> {
                     o.compression,
                 )))
             }
+            Err(e) if classify(&e).reason == TUS_IDLE => {
+                // A stream through the pipeline cannot wait without holding
+                // the receiver: dropped, like a stalled CDI upload.
+                populator_core::log::warn(format!("upload dropped: {e:#}"));
+                self.shared.tus.forget(&session.id);
+                Ok(Ending::Dropped)
+            }
             Err(e) => {
                 answer(&mut last, failure_reply(&classify(&e)));
                 Err(e)
@@ -435,11 +602,7 @@ impl Runner<'_> {
         if let Some(p) = pending.take() {
             return Ok(p);
         }
-        match self
-            .limits
-            .bounded(async { Ok(session.segments.recv().await) })
-            .await?
-        {
+        match self.limits.bounded(self.wait_segment(session)).await? {
             Some(segment) => Ok((segment, Bytes::new())),
             None => Err(fail(Kind::Internal, "InternalError", "the server stopped")),
         }

@@ -37,6 +37,8 @@ pub struct Session {
     pub resume: Option<Saved>,
     /// The answer to the creation request, once the runner accepted it.
     pub created: Option<oneshot::Sender<Reply>>,
+    /// A PATCH that arrived while the upload was parked, read first.
+    pub pending: Option<Segment>,
     registry: Arc<Mutex<Registry>>,
 }
 
@@ -132,6 +134,7 @@ impl TusUploads {
             segments: rx,
             resume: None,
             created: None,
+            pending: None,
             registry: self.registry.clone(),
         }
     }
@@ -140,7 +143,7 @@ impl TusUploads {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn forget(&self, id: &str) {
+    pub fn forget(&self, id: &str) {
         let mut r = self.lock();
         if r.current.as_ref().is_some_and(|h| h.id == id) {
             r.current = None;
@@ -221,8 +224,8 @@ fn not_found() -> Reply {
     Reply::new(StatusCode::NOT_FOUND, "no such upload")
 }
 
-fn header_u64(req: &Request<Incoming>, name: &str) -> Result<Option<u64>, Reply> {
-    match req.headers().get(name) {
+fn header_u64(headers: &hyper::HeaderMap, name: &str) -> Result<Option<u64>, Reply> {
+    match headers.get(name) {
         None => Ok(None),
         Some(v) => v
             .to_str()
@@ -239,7 +242,7 @@ fn header_u64(req: &Request<Incoming>, name: &str) -> Result<Option<u64>, Reply>
 }
 
 async fn create(req: Request<Incoming>, shared: &Shared) -> Reply {
-    let length = match header_u64(&req, "upload-length") {
+    let length = match header_u64(req.headers(), "upload-length") {
         Ok(Some(l)) => l,
         Ok(None) => {
             return Reply::new(
@@ -292,14 +295,29 @@ fn head(id: &str, shared: &Shared) -> Reply {
 }
 
 async fn patch(req: Request<Incoming>, id: &str, shared: &Shared) -> Reply {
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let reply = apply_patch(&parts.headers, &mut body, id, shared).await;
+    // Refused before its body was read: linger, so the client sees why.
+    if let Some(body) = body {
+        tokio::spawn(crate::pump::linger(body));
+    }
+    reply
+}
+
+async fn apply_patch(
+    headers: &hyper::HeaderMap,
+    body: &mut Option<Incoming>,
+    id: &str,
+    shared: &Shared,
+) -> Reply {
     let Some(handle) = shared.tus.find(id) else {
         if shared.phase() == Phase::Done {
             return completed();
         }
         return not_found();
     };
-    let content_type = req
-        .headers()
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
@@ -309,12 +327,12 @@ async fn patch(req: Request<Incoming>, id: &str, shared: &Shared) -> Reply {
             "a PATCH needs Content-Type: application/offset+octet-stream",
         );
     }
-    let offset = match header_u64(&req, "upload-offset") {
+    let offset = match header_u64(headers, "upload-offset") {
         Ok(Some(o)) => o,
         Ok(None) => return Reply::new(StatusCode::BAD_REQUEST, "Upload-Offset is required"),
         Err(r) => return r,
     };
-    let checksum = match req.headers().get("upload-checksum") {
+    let checksum = match headers.get("upload-checksum") {
         None => None,
         Some(v) => match crate::digests::upload_checksum(v.to_str().unwrap_or("")) {
             Ok(c) => Some(c),
@@ -343,7 +361,7 @@ async fn patch(req: Request<Incoming>, id: &str, shared: &Shared) -> Reply {
     }
     let (tx, rx) = oneshot::channel();
     let segment = Segment {
-        body: req.into_body(),
+        body: body.take().expect("the body is taken once"),
         offset,
         checksum,
         reply: tx,
