@@ -507,6 +507,8 @@ fn network_tree_and_block_arrive_identical_between_namespaces() {
         received.result()["digests"]["tree"].as_str(),
         Some(&*digest)
     );
+    // The receiver hashed what arrived as it arrived: nothing read back.
+    assert_eq!(received.result()["digestRereadItems"].as_u64(), Some(0));
     assert_rsync_identical(src.mount_point(), dst.mount_point(), &send);
     for sparse in ["sparse", "all-hole"] {
         assert!(blocks(&dst.mount_point().join(sparse)) <= blocks(&src.mount_point().join(sparse)));
@@ -525,6 +527,11 @@ fn network_tree_and_block_arrive_identical_between_namespaces() {
     send.success();
     received.code(0);
     assert_eq!(received.result()["target"]["kind"], "block");
+    assert_eq!(received.result()["digestRereadItems"].as_u64(), Some(0));
+    assert_eq!(
+        received.result()["digests"]["device"],
+        send.result()["digests"]["device"]
+    );
     cmp_equal(&image, &dev.device, 256 * MIB);
 }
 
@@ -620,6 +627,14 @@ fn network_cut_connection_resumes_and_arrives_identical() {
         "the receiver resumed nothing{}",
         received.dump()
     );
+    // The same receiver process kept the hashes of what arrived before the
+    // cut: its digest reads nothing back.
+    assert_eq!(
+        received.result()["digestRereadItems"].as_u64(),
+        Some(0),
+        "{}",
+        received.dump()
+    );
     cmp_equal(&image, &dev.device, 192 * MIB);
 }
 
@@ -702,6 +717,13 @@ fn network_receiver_killed_and_restarted_resumes() {
     received.code(0);
     assert!(
         received.result()["resumedItems"].as_u64().unwrap() >= 3,
+        "{}",
+        received.dump()
+    );
+    // A restarted receiver hashes only the files of the first run again.
+    assert_eq!(
+        received.result()["digestRereadItems"].as_u64(),
+        received.result()["resumedItems"].as_u64(),
         "{}",
         received.dump()
     );
