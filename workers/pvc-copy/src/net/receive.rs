@@ -36,7 +36,7 @@ use crate::digest::{
 use crate::meta::{apply_to_fd, apply_to_path, create_special, Entry, FileKind, Preserve};
 use crate::tree::{preserve_for, target_contents, LOST_FOUND, STATE_DIR};
 
-type Conn = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+type Conn = rustls::StreamOwned<rustls::ServerConnection, super::Sock>;
 
 struct Receiver<'a> {
     target: Target,
@@ -278,7 +278,9 @@ impl Receiver<'_> {
     fn serve(&self, tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> Result<()> {
         tcp.set_nonblocking(false)?;
         super::tune(&tcp);
-        let mut conn = rustls::StreamOwned::new(rustls::ServerConnection::new(config)?, tcp);
+        let mut server = rustls::ServerConnection::new(config)?;
+        server.set_buffer_limit(Some(super::SEND_BUFFER));
+        let mut conn = rustls::StreamOwned::new(server, super::Sock::new(tcp));
         let mut buf = Vec::new();
         let (kind, hello) = read_json(&mut conn, &mut buf).context("reading the sender's hello")?;
         if kind != Frame::Hello {
