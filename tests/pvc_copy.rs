@@ -367,6 +367,28 @@ fn a_source_changing_during_the_copy_fails_verification() {
     );
 }
 
+/// Files of root's own ids skip the chown; a target top directory with the
+/// set-group-ID bit would give them its group, so there they are chowned.
+#[test]
+fn owners_stay_exact_under_a_set_group_id_target_top() {
+    require_root();
+    let dir = test_dir("setgid-top");
+    let (src, dst) = (dir.join("src"), dir.join("dst"));
+    sh(&format!(
+        "mkdir -p {s}/sub {d} && echo a > {s}/top && echo b > {s}/sub/f \
+         && chown -R 0:0 {s} && chgrp 4242 {d} && chmod 2775 {d}",
+        s = src.display(),
+        d = dst.display()
+    ));
+    let run = copy(&src, &dst).run();
+    run.success();
+    for rel in ["top", "sub", "sub/f"] {
+        let m = std::fs::symlink_metadata(dst.join(rel)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0), "{rel}{}", run.dump());
+    }
+    assert_rsync_identical(&src, &dst, &run);
+}
+
 #[test]
 fn a_killed_copy_resumes_when_run_again() {
     require_root();
