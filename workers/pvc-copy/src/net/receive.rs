@@ -541,15 +541,20 @@ impl Receiver<'_> {
                         bail!("protocol error: size of {} disagrees", e.rel.display());
                     }
                     let path = self.target.path.join(&e.rel);
-                    match &open {
-                        Some((i, f)) if *i == item => f.set_len(size)?,
+                    let f = match open.take() {
+                        Some((i, f)) if i == item => f,
                         _ => OpenOptions::new()
                             .write(true)
                             .custom_flags(libc::O_NOFOLLOW)
-                            .open(&path)?
-                            .set_len(size)?,
-                    }
-                    open = None;
+                            .open(&path)
+                            .with_context(|| format!("opening {}", path.display()))?,
+                    };
+                    f.set_len(size)?;
+                    // All its data is here: its metadata now, on this stream,
+                    // while the file is open (times last, after the writes).
+                    apply_to_fd(&f, e, self.preserve, Some(e.mode & 0o777))
+                        .with_context(|| format!("setting the metadata of {}", path.display()))?;
+                    drop(f);
                     let content = match hasher.take() {
                         Some(f) if f.item == item => f.finish(),
                         _ => FileHasher::new(item, size).finish(),
@@ -645,7 +650,15 @@ impl Receiver<'_> {
                     );
                 }
                 drop(j);
-                apply_tree_metadata(&self.target.path, entries, self.preserve)?;
+                // Files that arrived now got theirs at FileDone.
+                let arrived: Vec<bool> = t
+                    .hashes
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(Option::is_some)
+                    .collect();
+                apply_tree_metadata(&self.target.path, entries, &arrived, self.preserve)?;
                 sync_filesystem(&self.target.path)?;
                 let options = TreeDigestOptions {
                     owners: self.preserve.owner,
@@ -927,19 +940,26 @@ fn unset(b: &mut Bitset, i: u64) {
     }
 }
 
-/// Owners, xattrs, modes and times of files, then of directories deepest
-/// first, the top directory last.
-fn apply_tree_metadata(dst: &Path, entries: &[ManifestEntry], preserve: Preserve) -> Result<()> {
+/// Owners, xattrs, modes and times of files that did not arrive in this
+/// attempt (a resume's), then of directories deepest first, the top
+/// directory last.
+fn apply_tree_metadata(
+    dst: &Path,
+    entries: &[ManifestEntry],
+    arrived: &[bool],
+    preserve: Preserve,
+) -> Result<()> {
     let open = |path: &Path, dir: bool| {
         OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | if dir { libc::O_DIRECTORY } else { 0 })
             .open(path)
     };
-    for m in entries
-        .iter()
-        .filter(|m| m.entry.kind == FileKind::File && m.link_to.is_none())
-    {
+    for (_, m) in entries.iter().enumerate().filter(|(i, m)| {
+        m.entry.kind == FileKind::File
+            && m.link_to.is_none()
+            && !arrived.get(*i).is_some_and(|a| *a)
+    }) {
         let path = dst.join(&m.entry.rel);
         let f = open(&path, false).with_context(|| format!("opening {}", path.display()))?;
         apply_to_fd(&f, &m.entry, preserve, None)
