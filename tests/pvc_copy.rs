@@ -367,6 +367,28 @@ fn a_source_changing_during_the_copy_fails_verification() {
     );
 }
 
+/// Files of root's own ids skip the chown; a target top directory with the
+/// set-group-ID bit would give them its group, so there they are chowned.
+#[test]
+fn owners_stay_exact_under_a_set_group_id_target_top() {
+    require_root();
+    let dir = test_dir("setgid-top");
+    let (src, dst) = (dir.join("src"), dir.join("dst"));
+    sh(&format!(
+        "mkdir -p {s}/sub {d} && echo a > {s}/top && echo b > {s}/sub/f \
+         && chown -R 0:0 {s} && chgrp 4242 {d} && chmod 2775 {d}",
+        s = src.display(),
+        d = dst.display()
+    ));
+    let run = copy(&src, &dst).run();
+    run.success();
+    for rel in ["top", "sub", "sub/f"] {
+        let m = std::fs::symlink_metadata(dst.join(rel)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0), "{rel}{}", run.dump());
+    }
+    assert_rsync_identical(&src, &dst, &run);
+}
+
 #[test]
 fn a_killed_copy_resumes_when_run_again() {
     require_root();
@@ -507,6 +529,8 @@ fn network_tree_and_block_arrive_identical_between_namespaces() {
         received.result()["digests"]["tree"].as_str(),
         Some(&*digest)
     );
+    // The receiver hashed what arrived as it arrived: nothing read back.
+    assert_eq!(received.result()["digestRereadItems"].as_u64(), Some(0));
     assert_rsync_identical(src.mount_point(), dst.mount_point(), &send);
     for sparse in ["sparse", "all-hole"] {
         assert!(blocks(&dst.mount_point().join(sparse)) <= blocks(&src.mount_point().join(sparse)));
@@ -525,6 +549,11 @@ fn network_tree_and_block_arrive_identical_between_namespaces() {
     send.success();
     received.code(0);
     assert_eq!(received.result()["target"]["kind"], "block");
+    assert_eq!(received.result()["digestRereadItems"].as_u64(), Some(0));
+    assert_eq!(
+        received.result()["digests"]["device"],
+        send.result()["digests"]["device"]
+    );
     cmp_equal(&image, &dev.device, 256 * MIB);
 }
 
@@ -620,6 +649,14 @@ fn network_cut_connection_resumes_and_arrives_identical() {
         "the receiver resumed nothing{}",
         received.dump()
     );
+    // The same receiver process kept the hashes of what arrived before the
+    // cut: its digest reads nothing back.
+    assert_eq!(
+        received.result()["digestRereadItems"].as_u64(),
+        Some(0),
+        "{}",
+        received.dump()
+    );
     cmp_equal(&image, &dev.device, 192 * MIB);
 }
 
@@ -702,6 +739,13 @@ fn network_receiver_killed_and_restarted_resumes() {
     received.code(0);
     assert!(
         received.result()["resumedItems"].as_u64().unwrap() >= 3,
+        "{}",
+        received.dump()
+    );
+    // A restarted receiver hashes only the files of the first run again.
+    assert_eq!(
+        received.result()["digestRereadItems"].as_u64(),
+        received.result()["resumedItems"].as_u64(),
         "{}",
         received.dump()
     );

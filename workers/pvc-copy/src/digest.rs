@@ -196,9 +196,14 @@ pub struct Collected {
     pub inode: Option<(u64, u64)>,
 }
 
+/// Content digests already known by path (a receiver hashed the bytes as
+/// they arrived), so those files are not read again.
+pub type KnownContent<'a> = &'a (dyn Fn(&Path) -> Option<Hash> + Sync);
+
 struct TreeDigester<'a> {
     root: &'a Path,
     options: TreeDigestOptions,
+    known: Option<KnownContent<'a>>,
     cancel: &'a CancelToken,
     out: Mutex<Vec<Collected>>,
 }
@@ -211,7 +216,12 @@ impl TreeDigester<'_> {
         } else {
             let e = Entry::read(self.root, rel)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let content = if e.kind == FileKind::File {
+            let known = (e.kind == FileKind::File)
+                .then(|| self.known.and_then(|k| k(rel)))
+                .flatten();
+            let content = if known.is_some() {
+                known
+            } else if e.kind == FileKind::File {
                 let f =
                     open_noatime(&path).with_context(|| format!("opening {}", path.display()))?;
                 Some(
@@ -290,9 +300,23 @@ pub fn tree_digest(
     jobs: usize,
     cancel: &CancelToken,
 ) -> Result<TreeDigest> {
+    tree_digest_with(root, skip_at_root, options, jobs, cancel, None)
+}
+
+/// `tree_digest`, taking the content digest of files `known` names from it
+/// (their metadata is still read from the tree).
+pub fn tree_digest_with(
+    root: &Path,
+    skip_at_root: &[&str],
+    options: TreeDigestOptions,
+    jobs: usize,
+    cancel: &CancelToken,
+    known: Option<KnownContent>,
+) -> Result<TreeDigest> {
     let d = TreeDigester {
         root,
         options,
+        known,
         cancel,
         out: Mutex::new(Vec::new()),
     };

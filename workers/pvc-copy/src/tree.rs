@@ -50,6 +50,19 @@ pub struct TreeCopy<'a> {
     pub stats: Stats,
     links: Mutex<HashMap<(u64, u64), PathBuf>>,
     dirs: Mutex<Vec<Entry>>,
+    /// The owner a file created now gets, when that is certain: our user and
+    /// group, in directories this run created (no set-group-ID bit) under a
+    /// top directory without one. Files of that owner skip the chown.
+    creator: Option<(u32, u32)>,
+}
+
+/// Our user and group, unless the top directory passes its group on.
+fn creator_of(dst: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let top = std::fs::metadata(dst).ok()?;
+    // SAFETY: plain getters.
+    let ids = unsafe { (libc::geteuid(), libc::getegid()) };
+    (top.mode() & libc::S_ISGID == 0).then_some(ids)
 }
 
 impl<'a> TreeCopy<'a> {
@@ -72,6 +85,11 @@ impl<'a> TreeCopy<'a> {
             stats: Stats::default(),
             links: Mutex::new(HashMap::new()),
             dirs: Mutex::new(Vec::new()),
+            creator: if existing || resuming {
+                None
+            } else {
+                creator_of(dst)
+            },
         }
     }
 
@@ -162,7 +180,11 @@ impl<'a> TreeCopy<'a> {
             Used::ReadWrite => self.stats.read_write.fetch_add(1, Ordering::Relaxed),
             Used::CopyRange => 0,
         };
-        apply_to_fd(&dst, &e, self.preserve, Some(created_mode))
+        let mut preserve = self.preserve;
+        if preserve.fixed_owner.is_none() && self.creator == Some((e.uid, e.gid)) {
+            preserve.owner = false; // already its owner: no chown
+        }
+        apply_to_fd(&dst, &e, preserve, Some(created_mode))
             .with_context(|| format!("setting the metadata of {}", dst_path.display()))?;
         self.stats.files.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes.fetch_add(e.size, Ordering::Relaxed);

@@ -4,7 +4,7 @@
 //! directory, or in the last chunk of a device until that chunk is written
 //! last), and exits after one verified transfer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -30,12 +30,13 @@ use super::proto::{
 use crate::block::{zero_range, ChunkWriter, Zeroing};
 use crate::cli::ReceiveArgs;
 use crate::digest::{
-    chunk_count, chunk_len, content_digest, sha256, tree_digest, TreeDigestOptions, CHUNK,
+    chunk_count, chunk_hash, chunk_len, combine, sha256, tree_digest_with, zero_hash, Hash,
+    TreeDigestOptions, CHUNK,
 };
 use crate::meta::{apply_to_fd, apply_to_path, create_special, Entry, FileKind, Preserve};
 use crate::tree::{preserve_for, target_contents, LOST_FOUND, STATE_DIR};
 
-type Conn = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+type Conn = rustls::StreamOwned<rustls::ServerConnection, super::Sock>;
 
 struct Receiver<'a> {
     target: Target,
@@ -58,6 +59,67 @@ struct Transfer {
     kind: TransferKind,
     journal: Mutex<Journal>,
     resumed: u64,
+    /// Content digest of each file (tree) or hash of each chunk (block),
+    /// taken from the bytes as they arrived, so the final digest does not
+    /// read the target again; items that arrived before a restart are
+    /// hashed from the target at the end.
+    hashes: Mutex<Vec<Option<Hash>>>,
+}
+
+impl Transfer {
+    fn record_hash(&self, item: u64, hash: Hash) {
+        if let Some(slot) = self.hashes.lock().unwrap().get_mut(item as usize) {
+            *slot = Some(hash);
+        }
+    }
+
+    /// Takes over the hashes an earlier attempt of the same session took
+    /// of items this one does not send again.
+    fn inherit_hashes(&self, previous: &Transfer) {
+        if previous.session != self.session {
+            return;
+        }
+        let done = &self.journal.lock().unwrap().done;
+        let old = previous.hashes.lock().unwrap();
+        let mut new = self.hashes.lock().unwrap();
+        if old.len() != new.len() {
+            return;
+        }
+        for (i, (n, o)) in new.iter_mut().zip(old.iter()).enumerate() {
+            if done.get(i as u64) {
+                *n = *o;
+            }
+        }
+    }
+}
+
+/// The chunk hashes of one file as its Data frames arrive on a stream.
+struct FileHasher {
+    item: u64,
+    size: u64,
+    chunks: Vec<Option<Hash>>,
+}
+
+impl FileHasher {
+    fn new(item: u64, size: u64) -> Self {
+        Self {
+            item,
+            size,
+            chunks: vec![None; chunk_count(size) as usize],
+        }
+    }
+
+    /// The file's content digest: chunks not sent are holes or zeros.
+    fn finish(self) -> Hash {
+        let size = self.size;
+        let list: Vec<Hash> = self
+            .chunks
+            .into_iter()
+            .enumerate()
+            .map(|(c, h)| h.unwrap_or_else(|| zero_hash(chunk_len(size, c as u64))))
+            .collect();
+        combine(&list)
+    }
 }
 
 enum TransferKind {
@@ -216,7 +278,9 @@ impl Receiver<'_> {
     fn serve(&self, tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> Result<()> {
         tcp.set_nonblocking(false)?;
         super::tune(&tcp);
-        let mut conn = rustls::StreamOwned::new(rustls::ServerConnection::new(config)?, tcp);
+        let mut server = rustls::ServerConnection::new(config)?;
+        server.set_buffer_limit(Some(super::SEND_BUFFER));
+        let mut conn = rustls::StreamOwned::new(server, super::Sock::new(tcp));
         let mut buf = Vec::new();
         let (kind, hello) = read_json(&mut conn, &mut buf).context("reading the sender's hello")?;
         if kind != Frame::Hello {
@@ -282,12 +346,12 @@ impl Receiver<'_> {
         // end (their peer is gone); what they wrote is recorded before the
         // journal is read back, or the resume would miss it.
         let previous = self.current.lock().unwrap().take();
-        if let Some(previous) = previous {
+        if let Some(previous) = &previous {
             let deadline = Instant::now() + Duration::from_secs(30);
-            while Arc::strong_count(&previous) > 1 && Instant::now() < deadline {
+            while Arc::strong_count(previous) > 1 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            self.commit(&previous, true)?;
+            self.commit(previous, true)?;
         }
         self.ctx.progress.set_total(Some(size));
         let transfer = if is_tree {
@@ -295,6 +359,9 @@ impl Receiver<'_> {
         } else {
             self.start_block(conn, &session, size)?
         };
+        if let Some(previous) = &previous {
+            transfer.inherit_hashes(previous);
+        }
         let transfer = Arc::new(transfer);
         let done_hex = hex::encode(&transfer.journal.lock().unwrap().done.0);
         *self.current.lock().unwrap() = Some(transfer.clone());
@@ -363,6 +430,7 @@ impl Receiver<'_> {
         write_tree_journal(&state, &done)?;
         Ok(Transfer {
             session: session.to_string(),
+            hashes: Mutex::new(vec![None; entries.len()]),
             kind: TransferKind::Tree { entries },
             journal: Mutex::new(Journal {
                 done,
@@ -411,6 +479,7 @@ impl Receiver<'_> {
                 size,
                 zeroing,
             },
+            hashes: Mutex::new(vec![None; count as usize]),
             journal: Mutex::new(Journal {
                 done,
                 dirty: false,
@@ -424,6 +493,7 @@ impl Receiver<'_> {
     /// A data stream: chunks and file ends until StreamEnd.
     fn data(&self, conn: &mut Conn, t: &Transfer, buf: &mut Vec<u8>) -> Result<()> {
         let mut open: Option<(u64, File)> = None;
+        let mut hasher: Option<FileHasher> = None;
         let mut raw = Vec::new();
         loop {
             let kind = read_frame(conn, buf)?;
@@ -439,8 +509,16 @@ impl Receiver<'_> {
                 (TransferKind::Tree { entries }, Frame::Data) => {
                     let (h, payload) = decode_data(buf, &mut raw)?;
                     let e = leader_file(entries, h.item)?;
-                    if h.offset + payload.len() as u64 > e.size {
+                    if e.size == 0 {
                         bail!("data beyond the end of {}", e.rel.display());
+                    }
+                    check_chunk(e.size, h.offset, payload.len() as u64)
+                        .with_context(|| format!("data for {}", e.rel.display()))?;
+                    if hasher.as_ref().map(|f| f.item) != Some(h.item) {
+                        hasher = Some(FileHasher::new(h.item, e.size));
+                    }
+                    if let Some(f) = hasher.as_mut() {
+                        f.chunks[(h.offset / CHUNK) as usize] = Some(h.hash);
                     }
                     if open.as_ref().map(|(i, _)| *i) != Some(h.item) {
                         let path = self.target.path.join(&e.rel);
@@ -463,15 +541,25 @@ impl Receiver<'_> {
                         bail!("protocol error: size of {} disagrees", e.rel.display());
                     }
                     let path = self.target.path.join(&e.rel);
-                    match &open {
-                        Some((i, f)) if *i == item => f.set_len(size)?,
+                    let f = match open.take() {
+                        Some((i, f)) if i == item => f,
                         _ => OpenOptions::new()
                             .write(true)
                             .custom_flags(libc::O_NOFOLLOW)
-                            .open(&path)?
-                            .set_len(size)?,
-                    }
-                    open = None;
+                            .open(&path)
+                            .with_context(|| format!("opening {}", path.display()))?,
+                    };
+                    f.set_len(size)?;
+                    // All its data is here: its metadata now, on this stream,
+                    // while the file is open (times last, after the writes).
+                    apply_to_fd(&f, e, self.preserve, Some(e.mode & 0o777))
+                        .with_context(|| format!("setting the metadata of {}", path.display()))?;
+                    drop(f);
+                    let content = match hasher.take() {
+                        Some(f) if f.item == item => f.finish(),
+                        _ => FileHasher::new(item, size).finish(),
+                    };
+                    t.record_hash(item, content);
                     self.mark_done(t, item)?;
                 }
                 (_, other) => bail!("protocol error: unexpected {other:?} on a data stream"),
@@ -496,6 +584,7 @@ impl Receiver<'_> {
                     zero_range(file, start, len)
                         .with_context(|| format!("zeroing the target at offset {start}"))?;
                 }
+                t.record_hash(start / CHUNK, zero_hash(len));
                 (start, len)
             }
             _ => {
@@ -506,6 +595,7 @@ impl Receiver<'_> {
                     .write_chunk(h.offset, payload)
                     .with_context(|| format!("writing the target at offset {}", h.offset))?;
                 self.ctx.progress.add_written(payload.len() as u64);
+                t.record_hash(h.offset / CHUNK, h.hash);
                 (h.offset, payload.len() as u64)
             }
         };
@@ -560,17 +650,53 @@ impl Receiver<'_> {
                     );
                 }
                 drop(j);
-                apply_tree_metadata(&self.target.path, entries, self.preserve)?;
+                // Files that arrived now got theirs at FileDone.
+                let arrived: Vec<bool> = t
+                    .hashes
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(Option::is_some)
+                    .collect();
+                apply_tree_metadata(&self.target.path, entries, &arrived, self.preserve)?;
                 sync_filesystem(&self.target.path)?;
                 let options = TreeDigestOptions {
                     owners: self.preserve.owner,
                 };
-                tree_digest(
+                // Metadata is read back from the target; content digests come
+                // from the bytes as they arrived (files of an earlier run are
+                // read again).
+                let hashes = t.hashes.lock().unwrap();
+                let known: HashMap<&Path, Hash> = entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| m.entry.kind == FileKind::File)
+                    .filter_map(|(i, m)| {
+                        let leader = m.link_to.unwrap_or(i as u64) as usize;
+                        Some((
+                            m.entry.rel.as_path(),
+                            hashes.get(leader).copied().flatten()?,
+                        ))
+                    })
+                    .collect();
+                let reread = entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, m)| {
+                        m.entry.kind == FileKind::File
+                            && m.link_to.is_none()
+                            && hashes[*i].is_none()
+                    })
+                    .count();
+                self.ctx.report.set("digestRereadItems", reread);
+                let lookup = |rel: &Path| known.get(rel).copied();
+                tree_digest_with(
                     &self.target.path,
                     &[LOST_FOUND, STATE_DIR],
                     options,
                     self.jobs,
                     &self.ctx.cancel,
+                    Some(&lookup),
                 )?
                 .hex()
             }
@@ -582,16 +708,7 @@ impl Receiver<'_> {
                     bail!("the sender finished but chunk {i} never arrived");
                 }
                 file.sync_data()?;
-                use std::os::fd::AsRawFd;
-                // SAFETY: advisory; makes the digest read the device, not the cache.
-                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-                hex::encode(content_digest(
-                    file,
-                    *size,
-                    false,
-                    self.jobs.max(2),
-                    &self.ctx.cancel,
-                )?)
+                hex::encode(self.device_digest(t, file, *size)?)
             }
         };
         let key = if matches!(t.kind, TransferKind::Tree { .. }) {
@@ -637,6 +754,30 @@ impl Receiver<'_> {
         );
         let _ = self.outcome.send(Ok(summary));
         Ok(())
+    }
+}
+
+impl Receiver<'_> {
+    /// The device digest from the chunk hashes taken as the chunks arrived;
+    /// chunks written before a restart are read back from the target.
+    fn device_digest(&self, t: &Transfer, file: &File, size: u64) -> Result<Hash> {
+        let mut hashes = t.hashes.lock().unwrap();
+        let reread = hashes.iter().filter(|h| h.is_none()).count();
+        self.ctx.report.set("digestRereadItems", reread);
+        let mut buf = Vec::new();
+        for (i, slot) in hashes.iter_mut().enumerate() {
+            if slot.is_none() {
+                self.ctx.cancel.check()?;
+                let (start, len) = (i as u64 * CHUNK, chunk_len(size, i as u64));
+                buf.resize(len as usize, 0);
+                file.read_exact_at(&mut buf, start)
+                    .with_context(|| format!("reading the target at offset {start}"))?;
+                *slot = Some(chunk_hash(&buf));
+            }
+        }
+        Ok(combine(
+            &hashes.iter().map(|h| h.unwrap()).collect::<Vec<_>>(),
+        ))
     }
 }
 
@@ -799,19 +940,26 @@ fn unset(b: &mut Bitset, i: u64) {
     }
 }
 
-/// Owners, xattrs, modes and times of files, then of directories deepest
-/// first, the top directory last.
-fn apply_tree_metadata(dst: &Path, entries: &[ManifestEntry], preserve: Preserve) -> Result<()> {
+/// Owners, xattrs, modes and times of files that did not arrive in this
+/// attempt (a resume's), then of directories deepest first, the top
+/// directory last.
+fn apply_tree_metadata(
+    dst: &Path,
+    entries: &[ManifestEntry],
+    arrived: &[bool],
+    preserve: Preserve,
+) -> Result<()> {
     let open = |path: &Path, dir: bool| {
         OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | if dir { libc::O_DIRECTORY } else { 0 })
             .open(path)
     };
-    for m in entries
-        .iter()
-        .filter(|m| m.entry.kind == FileKind::File && m.link_to.is_none())
-    {
+    for (_, m) in entries.iter().enumerate().filter(|(i, m)| {
+        m.entry.kind == FileKind::File
+            && m.link_to.is_none()
+            && !arrived.get(*i).is_some_and(|a| *a)
+    }) {
         let path = dst.join(&m.entry.rel);
         let f = open(&path, false).with_context(|| format!("opening {}", path.display()))?;
         apply_to_fd(&f, &m.entry, preserve, None)

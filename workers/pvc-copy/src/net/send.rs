@@ -37,7 +37,7 @@ use crate::meta::{Entry, FileKind};
 use crate::tree::LOST_FOUND;
 use crate::walk::{walk, Visitor};
 
-pub type Conn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+pub type Conn = rustls::StreamOwned<rustls::ClientConnection, super::Sock>;
 
 /// What is sent.
 enum Plan {
@@ -361,8 +361,10 @@ impl Sender {
         if let Ok(clone) = tcp.try_clone() {
             self.sockets.lock().unwrap().push(clone);
         }
-        let conn = rustls::ClientConnection::new(self.config.clone(), self.server_name.clone())?;
-        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        let mut conn =
+            rustls::ClientConnection::new(self.config.clone(), self.server_name.clone())?;
+        conn.set_buffer_limit(Some(super::SEND_BUFFER));
+        let mut stream = rustls::StreamOwned::new(conn, super::Sock::new(tcp));
         // Finish the handshake now, so a refused certificate is told apart.
         while stream.conn.is_handshaking() {
             if let Err(e) = stream.conn.complete_io(&mut stream.sock) {
