@@ -19,40 +19,20 @@
 #   BENCH_RUNS=3          runs per case
 #   BENCH_TMPDIR=/var/tmp where the data and the loop file live (not tmpfs)
 set -euo pipefail
+# shellcheck source=scripts/lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
 
-if [ "$#" -ne 1 ]; then
-  echo "usage: $0 BIN_DIR" >&2
-  exit 2
-fi
-root=$(cd "$(dirname "$0")/.." && pwd)
-bin=$(cd "$1" && pwd)/http-import
+bench_args http-import "$@"
 virtual_gib=${BENCH_VIRTUAL_GIB:-4}
 runs=${BENCH_RUNS:-3}
-[ -x "$bin" ] || { echo "no $bin (run make static)" >&2; exit 1; }
 [ "$virtual_gib" -ge 1 ] && [ "$virtual_gib" -le 64 ] || { echo "BENCH_VIRTUAL_GIB must be 1..64" >&2; exit 2; }
-[ "$runs" -ge 1 ] && [ "$runs" -le 20 ] || { echo "BENCH_RUNS must be 1..20" >&2; exit 2; }
-[ "$(id -u)" -eq 0 ] || { echo "root is needed (loop device, drop_caches)" >&2; exit 1; }
-for tool in nginx curl qemu-img losetup blkdiscard cmp python3 /usr/bin/time; do
-  command -v "$tool" >/dev/null || { echo "$tool is missing: run scripts/install-test-deps.sh" >&2; exit 1; }
-done
+bench_check_runs "$runs" 20
+$is_root || { echo "root is needed (loop device, drop_caches)" >&2; exit 1; }
+bench_need nginx curl qemu-img losetup blkdiscard cmp python3 /usr/bin/time
 
-work=$(mktemp -d -p "${BENCH_TMPDIR:-/var/tmp}" populator-bench-disk.XXXXXX)
-chmod 755 "$work"
-nginx_pid=
-loopdev=
-cleanup() {
-  if [ -n "$nginx_pid" ]; then kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null || true; fi
-  if [ -n "$loopdev" ]; then losetup -d "$loopdev" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)
-cp "$bin" "$work/http-import"
-bin=$work/http-import
-revision=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
+bench_workdir populator-bench-disk
+bench_load
+bench_private_copy
 
 # --- data -----------------------------------------------------------------
 virtual=$((virtual_gib << 30))
@@ -70,35 +50,10 @@ qcow2_bytes=$(stat -c %s "$work/www/t.qcow2")
 log "qcow2: $((qcow2_bytes >> 20)) MiB"
 
 # --- nginx and the loop device ---------------------------------------------
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
-cat > "$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-error_log $work/nginx/logs/error.log warn;
-pid $work/nginx/nginx.pid;
-events { worker_connections 64; }
-http {
-    default_type application/octet-stream;
-    access_log off;
-    sendfile on;
-    client_body_temp_path $work/nginx/tmp/body;
-    proxy_temp_path $work/nginx/tmp/proxy;
-    fastcgi_temp_path $work/nginx/tmp/fastcgi;
-    uwsgi_temp_path $work/nginx/tmp/uwsgi;
-    scgi_temp_path $work/nginx/tmp/scgi;
-    server { listen 127.0.0.1:$port; root $work/www; }
-}
-EOF
-nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>"$work/nginx/logs/stderr.log" &
-nginx_pid=$!
-url=http://127.0.0.1:$port/t.qcow2
-for ((i = 0; i < 50; i++)); do
-  curl -sfI "$url" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -sfI "$url" >/dev/null || { echo "nginx did not come up" >&2; exit 1; }
+bench_serve_static "$work/www" t.qcow2
+url=$base/t.qcow2
 truncate -s "$((virtual + (64 << 20)))" "$work/loop.img"
-loopdev=$(losetup -f --show --direct-io=on "$work/loop.img")
+bench_loop "$work/loop.img"
 log "nginx on $url, loop device $loopdev"
 
 # --- cases ----------------------------------------------------------------
@@ -118,22 +73,15 @@ for ((run = 1; run <= runs; run++)); do
   for id in "${order[@]}"; do
     rm -f "$work/scratch/t.qcow2" "$work/result.json"
     blkdiscard "$loopdev" 2>/dev/null || true
-    sync
-    echo 3 > /proc/sys/vm/drop_caches
-    if [[ ${cmd[$id]} == "$bin "* ]]; then
-      read -r -a argv <<< "${cmd[$id]}"
-    else
-      argv=(bash -c "${cmd[$id]}")
-    fi
+    bench_drop_caches
+    bench_argv "${cmd[$id]}"
     status=ok
-    if ! timeout 1200 /usr/bin/time -f '%e %M %U %S' -o "$work/time.txt" "${argv[@]}" > "$work/run.log" 2>&1; then
+    if ! bench_timed 1200 "${argv[@]}"; then
       status=failed
       sed 's/^/    /' "$work/run.log" >&2
     elif ! cmp -s -n "$virtual" "$work/source.raw" "$loopdev"; then
       status="wrong output"
     fi
-    read -r wall rss_kib user sys < <(tail -n 1 "$work/time.txt") || true
-    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$run" "$wall" "$rss_kib" "$cpu" "$status" >> "$results"
     log "run $run $id: $wall s, $((rss_kib / 1024)) MiB peak RSS, $cpu s CPU, $status"
   done

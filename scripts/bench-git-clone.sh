@@ -20,45 +20,21 @@
 #   BENCH_GIT_REPO=PATH   also a local repository (cloned bare once)
 #   BENCH_TMPDIR=/var/tmp where the outputs live (not tmpfs)
 set -euo pipefail
+# shellcheck source=scripts/lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
 
-if [ "$#" -ne 1 ]; then
-  echo "usage: $0 BIN_DIR" >&2
-  exit 2
-fi
-root=$(cd "$(dirname "$0")/.." && pwd)
-bin=$(cd "$1" && pwd)/git-clone
+bench_args git-clone "$@"
 files=${BENCH_FILES:-50000}
 commits=${BENCH_COMMITS:-1000}
 runs=${BENCH_RUNS:-3}
-[ -x "$bin" ] || { echo "no $bin (run make static)" >&2; exit 1; }
-[ "$runs" -ge 1 ] && [ "$runs" -le 50 ] || { echo "BENCH_RUNS must be 1..50" >&2; exit 2; }
+bench_check_runs "$runs" 50
 [ "$files" -ge 10 ] && [ "$commits" -ge 1 ] || { echo "BENCH_FILES >= 10, BENCH_COMMITS >= 1" >&2; exit 2; }
-for tool in nginx fcgiwrap git python3 /usr/bin/time /usr/lib/git-core/git-http-backend; do
-  command -v "$tool" >/dev/null || { echo "$tool is missing: run scripts/install-test-deps.sh" >&2; exit 1; }
-done
-is_root=false
-[ "$(id -u)" -eq 0 ] && is_root=true
+bench_need nginx fcgiwrap git python3 /usr/bin/time /usr/lib/git-core/git-http-backend
 $is_root || echo "warning: not root: the page cache is not dropped between runs" >&2
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-
-work=$(mktemp -d -p "${BENCH_TMPDIR:-/var/tmp}" populator-bench-git.XXXXXX)
-chmod 755 "$work"
-nginx_pid= fcgi_pid=
-cleanup() {
-  for p in $nginx_pid $fcgi_pid; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)
-if awk -v l="${load_start%% *}" 'BEGIN { exit !(l > 0.5) }'; then
-  log "warning: load average $load_start before the benchmark: other work will skew the numbers"
-fi
-cp "$bin" "$work/git-clone"
-bin=$work/git-clone
-revision=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
+bench_workdir populator-bench-git
+bench_load
+bench_private_copy
 
 # --- the generated repository (cached) --------------------------------------
 cache=/var/tmp/populator-bench-git-cache/files$files-commits$commits-v1
@@ -110,26 +86,14 @@ if [ -n "${BENCH_GIT_REPO:-}" ]; then
 fi
 
 # --- nginx + fcgiwrap + git-http-backend ------------------------------------
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
+port=$(bench_free_port)
+mkdir -p "$work/nginx/logs"
 # One process: preforked children would outlive a kill of the parent.
 fcgiwrap -c 1 -s "unix:$work/nginx/fcgi.sock" </dev/null >/dev/null 2>"$work/nginx/logs/fcgiwrap.log" &
-fcgi_pid=$!
-cat > "$work/nginx/nginx.conf" <<EOF
+bench_pids+=("$!")
+for ((i = 0; i < 50; i++)); do [ -S "$work/nginx/fcgi.sock" ] && break; sleep 0.1; done
 # As root, without workers: the fcgiwrap socket is root's.
-master_process off;
-worker_processes 1;
-error_log $work/nginx/logs/error.log warn;
-pid $work/nginx/nginx.pid;
-events { worker_connections 64; }
-http {
-    access_log off;
-    client_body_temp_path $work/nginx/tmp/body;
-    proxy_temp_path $work/nginx/tmp/proxy;
-    fastcgi_temp_path $work/nginx/tmp/fastcgi;
-    uwsgi_temp_path $work/nginx/tmp/uwsgi;
-    scgi_temp_path $work/nginx/tmp/scgi;
-    server {
+bench_nginx "master_process off;" "    server {
         listen 127.0.0.1:$port;
         location ~ ^/git(/.*)\$ {
             client_max_body_size 0;
@@ -137,15 +101,10 @@ http {
             include /etc/nginx/fastcgi_params;
             fastcgi_param SCRIPT_FILENAME /usr/lib/git-core/git-http-backend;
             fastcgi_param GIT_PROJECT_ROOT $work/git;
-            fastcgi_param GIT_HTTP_EXPORT_ALL "";
+            fastcgi_param GIT_HTTP_EXPORT_ALL \"\";
             fastcgi_param PATH_INFO \$1;
         }
-    }
-}
-EOF
-for ((i = 0; i < 50; i++)); do [ -S "$work/nginx/fcgi.sock" ] && break; sleep 0.1; done
-nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' </dev/null >/dev/null 2>"$work/nginx/logs/stderr.log" &
-nginx_pid=$!
+    }"
 base=http://127.0.0.1:$port/git
 for ((i = 0; i < 50; i++)); do
   git ls-remote "$base/generated.git" >/dev/null 2>&1 && break
@@ -177,11 +136,6 @@ for r in "${repos[@]}"; do
   group_title[${r}_full]="$r: full history"
 done
 
-drop_caches() {
-  sync
-  if $is_root; then echo 3 > /proc/sys/vm/drop_caches; fi
-}
-
 # The checkout must be the tip's tree: same paths and blob ids as git's index.
 verify() {
   local id=$1 r=${1%%_*}
@@ -198,16 +152,16 @@ for ((run = 1; run <= runs; run++)); do
     n=$((n + 1))
     rm -rf "$out" "$work/result.json"
     mkdir "$out"
-    drop_caches
+    bench_drop_caches
     read -r -a argv <<< "${cmd[$id]}"
     [[ ${cmd[$id]} == *"&&"* ]] && argv=(bash -c "${cmd[$id]}")
     status=ok
-    if timeout 1200 /usr/bin/time -f '%e %M' -o "$work/time.txt" "${argv[@]}" > "$work/run.log" 2>&1; then
+    if bench_timed 1200 "${argv[@]}"; then
       verify "$id" || status="wrong output"
     else
       status="exit $?"
     fi
-    read -r wall rss < <(tail -n 1 "$work/time.txt")
+    rss=$rss_kib
     if [ "$status" = ok ]; then
       printf '%s\t%s\t%s\n' "$id" "$wall" "$rss" >> "$results"
       log "[$n/$total] ${label[$id]} (${group[$id]}): ${wall}s, $((rss / 1024)) MiB"
@@ -219,7 +173,6 @@ done
 rm -rf "$out"
 
 # --- table ----------------------------------------------------------------------
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 table=$work/table.md
 {
   echo "git-clone $revision, $(date -u +%Y-%m-%d), $runs runs per case, load average at start: $load_start"
@@ -235,9 +188,9 @@ table=$work/table.md
       echo "|---|---|---|---|"
       last=$g
     fi
-    wall=$(awk -v id="$id" '$1 == id { print $2 }' "$results" | median)
-    rss=$(awk -v id="$id" '$1 == id { print $3 }' "$results" | median)
-    refwall=$(awk -v id="${ref[$g]}" '$1 == id { print $2 }' "$results" | median)
+    wall=$(awk -v id="$id" '$1 == id { print $2 }' "$results" | bench_median)
+    rss=$(awk -v id="$id" '$1 == id { print $3 }' "$results" | bench_median)
+    refwall=$(awk -v id="${ref[$g]}" '$1 == id { print $2 }' "$results" | bench_median)
     if [ -z "$wall" ]; then echo "| ${label[$id]} | failed | | |"; continue; fi
     ratio=$(awk -v a="$wall" -v b="$refwall" 'BEGIN { if (b > 0) printf "%.2f×", a / b; else print "—" }')
     [ "$id" = "${ref[$g]}" ] && ratio="1.00× (reference)"

@@ -20,53 +20,20 @@
 #   BENCH_RUNS=5          runs per case
 #   BENCH_TMPDIR=/var/tmp where the data, outputs and loop file live (not tmpfs)
 set -euo pipefail
+# shellcheck source=scripts/lib/bench.sh
+source "$(dirname "$0")/lib/bench.sh"
 
-if [ "$#" -ne 1 ]; then
-  echo "usage: $0 BIN_DIR" >&2
-  exit 2
-fi
-root=$(cd "$(dirname "$0")/.." && pwd)
-bin=$(cd "$1" && pwd)/http-import
+bench_args http-import "$@"
 size_mib=${BENCH_SIZE_MIB:-2048}
 runs=${BENCH_RUNS:-5}
-[ -x "$bin" ] || { echo "no $bin (run make static)" >&2; exit 1; }
 [ $((size_mib % 8)) -eq 0 ] && [ "$size_mib" -ge 8 ] || { echo "BENCH_SIZE_MIB must be a multiple of 8" >&2; exit 2; }
-[ "$runs" -ge 1 ] && [ "$runs" -le 50 ] || { echo "BENCH_RUNS must be 1..50" >&2; exit 2; }
-for tool in nginx curl gzip sha256sum python3 /usr/bin/time; do
-  command -v "$tool" >/dev/null || { echo "$tool is missing: run scripts/install-test-deps.sh" >&2; exit 1; }
-done
-is_root=false
-[ "$(id -u)" -eq 0 ] && is_root=true
+bench_check_runs "$runs" 50
+bench_need nginx curl gzip sha256sum python3 /usr/bin/time
 $is_root || echo "warning: not root: the page cache is not dropped between runs and the block-device case is skipped" >&2
 
-work=$(mktemp -d -p "${BENCH_TMPDIR:-/var/tmp}" populator-bench.XXXXXX)
-chmod 755 "$work"   # nginx workers drop root and must read www/
-if [ "$(stat -f -c %T "$work")" = tmpfs ]; then
-  echo "warning: $work is on tmpfs: the numbers say nothing about disks" >&2
-fi
-nginx_pid=
-loopdev=
-cleanup() {
-  if [ -n "$nginx_pid" ]; then kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null || true; fi
-  if [ -n "$loopdev" ]; then losetup -d "$loopdev" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-
-# Anything else running on the machine shows up in the numbers: say so.
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)
-if awk -v l="${load_start%% *}" 'BEGIN { exit !(l > 0.5) }'; then
-  log "warning: load average $load_start before the benchmark: other work will skew the numbers"
-fi
-
-# A private copy of the binary: a rebuild during the benchmark must not swap it.
-cp "$bin" "$work/http-import"
-bin=$work/http-import
-bin_sha=$(sha256sum < "$bin" | cut -c1-12)
-revision=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
+bench_workdir populator-bench
+bench_load
+bench_private_copy
 
 # --- data ---------------------------------------------------------------
 size=$((size_mib * 1024 * 1024))
@@ -88,45 +55,14 @@ chmod 644 "$work/www/"*
 log "gzip source: $gz_mib MiB compressed"
 
 # --- nginx on loopback --------------------------------------------------
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
-cat > "$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-error_log $work/nginx/logs/error.log warn;
-pid $work/nginx/nginx.pid;
-events { worker_connections 64; }
-http {
-    default_type application/octet-stream;
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    client_body_temp_path $work/nginx/tmp/body;
-    proxy_temp_path $work/nginx/tmp/proxy;
-    fastcgi_temp_path $work/nginx/tmp/fastcgi;
-    uwsgi_temp_path $work/nginx/tmp/uwsgi;
-    scgi_temp_path $work/nginx/tmp/scgi;
-    server {
-        listen 127.0.0.1:$port;
-        root $work/www;
-    }
-}
-EOF
-nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>"$work/nginx/logs/stderr.log" &
-nginx_pid=$!
-base=http://127.0.0.1:$port
-for ((i = 0; i < 50; i++)); do   # at most 5 s
-  curl -sfI "$base/random.bin" >/dev/null 2>&1 && break
-  kill -0 "$nginx_pid" 2>/dev/null || { cat "$work/nginx/logs/"* >&2; exit 1; }
-  sleep 0.1
-done
-curl -sfI "$base/random.bin" >/dev/null || { echo "nginx did not come up" >&2; exit 1; }
+bench_serve_static "$work/www" random.bin "    tcp_nopush on;"
 log "nginx serving $work/www on $base"
 
 # --- loop device ----------------------------------------------------------
 if $is_root; then
   loop_mib=$((size_mib + size_mib / 20))   # 5 % larger than the data
   truncate -s "${loop_mib}M" "$work/loop.img"
-  loopdev=$(losetup -f --show --direct-io=on "$work/loop.img")
+  bench_loop "$work/loop.img"
   log "loop device $loopdev on a $loop_mib MiB sparse file (direct I/O)"
 fi
 
@@ -174,11 +110,6 @@ declare -A group_title=(
   [gzip]="gzip -1 source ($gz_mib MiB; $size_mib MiB uncompressed, half zeros) into a file target"
 )
 
-drop_caches() {
-  sync
-  if $is_root; then echo 3 > /proc/sys/vm/drop_caches; fi
-}
-
 # Each run goes into a fresh memory cgroup (root only), whose peak usage counts
 # the page cache the run's writes leave behind, as a pod's memory limit would.
 cg_root=
@@ -190,13 +121,13 @@ elif $is_root && grep -qw memory /sys/fs/cgroup/cgroup.subtree_control 2>/dev/nu
   cg_peak=memory.peak
 fi
 cg=
-in_cgroup=()   # a command prefix that moves the command into $cg/run
+# bench_wrap: a command prefix that moves the command into $cg/run
 if [ -n "$cg_root" ]; then
   cg=$cg_root/populator-bench-$$
   mkdir "$cg"
-  trap 'cleanup; rmdir "$cg/run" "$cg" 2>/dev/null || true' EXIT
+  bench_at_exit+=('rmdir "$cg/run" "$cg" 2>/dev/null')
   # shellcheck disable=SC2016
-  in_cgroup=(bash -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg/run")
+  bench_wrap=(bash -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg/run")
 fi
 
 # Removes what a run produced: files in out/, data on the loop device.
@@ -233,19 +164,14 @@ for ((run = 1; run <= runs; run++)); do
   for id in "${order[@]}"; do
     n=$((n + 1))
     reset_outputs
-    drop_caches
-    # Pipelines run under bash -c; http-import runs directly so that its
-    # peak RSS is its own. GNU time reports the largest single process.
-    if [[ ${cmd[$id]} == "$bin "* ]]; then
-      read -r -a argv <<< "${cmd[$id]}"
-    else
-      argv=(bash -c "${cmd[$id]}")
-    fi
+    bench_drop_caches
+    # GNU time reports the largest single process of a pipeline.
+    bench_argv "${cmd[$id]}"
     # A failed run or a wrong output is recorded, reported and left out of
     # the medians; the benchmark goes on with the other cases.
     status=ok
     if [ -n "$cg" ]; then mkdir "$cg/run"; fi
-    if timeout 600 "${in_cgroup[@]}" /usr/bin/time -f '%e %M %U %S' -o "$work/time.txt" "${argv[@]}" > "$work/run.log" 2>&1; then
+    if bench_timed 600 "${argv[@]}"; then
       # shellcheck disable=SC2086
       verify ${check[$id]} || status="wrong output"
     else
@@ -257,9 +183,6 @@ for ((run = 1; run <= runs; run++)); do
       cg_mib=$(( $(cat "$cg/run/$cg_peak") / 1024 / 1024 ))
       rmdir "$cg/run"
     fi
-    read -r wall rss_kib user sys < <(tail -n 1 "$work/time.txt") || true
-    [[ $wall =~ ^[0-9.]+$ && $rss_kib =~ ^[0-9]+$ ]] || { wall=NA; rss_kib=0; user=0; sys=0; }
-    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$run" "$wall" "$rss_kib" "$cpu" "$cg_mib" "$status" >> "$results"
     log "[$n/$total] run $run $id: ${wall} s, $((rss_kib / 1024)) MiB peak RSS, $cg_mib MiB cgroup peak, $cpu s CPU, $status"
   done
@@ -273,7 +196,7 @@ mkdir -p "$(dirname "$report")"
   echo "# http-import benchmark"
   echo
   echo "- $(date -u +%Y-%m-%dT%H:%MZ), $("$bin" --version) (source $revision, binary sha256 $bin_sha…), $(curl --version | head -n 1 | cut -d' ' -f1-2), $(nginx -v 2>&1 | cut -d' ' -f3)"
-  echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, kernel $(uname -r)"
+  echo "- machine: $(bench_machine)"
   echo "- disk: $(df -h --output=source,fstype,size "$work" | tail -n 1 | tr -s ' ')"
   echo "- $runs runs per case, interleaved; page cache dropped before each run: $is_root; medians shown"
   echo "- load average (1, 5, 15 min) before the data was made: $load_start; after the last run: $(cut -d' ' -f1-3 /proc/loadavg)"

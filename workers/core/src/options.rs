@@ -4,11 +4,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::archive::ExtractOptions;
 use crate::content::{ContentMode, ContentSpec};
 use crate::decompress::DecompressMode;
 use crate::digest::Checksum;
+use crate::error::{fail, Kind};
+use crate::http::HttpOptions;
 use crate::progress::ProgressMode;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -175,6 +178,76 @@ pub struct ContentArgs {
     pub filesystem_overhead: f64,
 }
 
+/// Network flags of the workers that reach a server over HTTP(S)
+/// (http-import, git-clone): TLS trust, proxy, retries and timeouts. They
+/// carry no heading of their own: they join the heading of the struct that
+/// flattens them. A worker may reword a flag's help to its own case with
+/// `mut_arg`; names, defaults and environment stay the same everywhere.
+#[derive(clap::Args, Clone, Debug)]
+pub struct NetworkArgs {
+    /// PEM file of CA certificates trusted besides the system ones.
+    #[arg(long, env = "POPULATOR_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Do not verify the server's certificate (logs a warning).
+    #[arg(long, env = "POPULATOR_INSECURE_SKIP_TLS_VERIFY", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure_skip_tls_verify: bool,
+
+    /// Proxy URL for all requests (HTTP_PROXY, HTTPS_PROXY and NO_PROXY are
+    /// honoured without it).
+    #[arg(long, env = "POPULATOR_PROXY", value_name = "URL")]
+    pub proxy: Option<String>,
+
+    /// Retries after connection errors, timeouts and 5xx answers.
+    #[arg(long, env = "POPULATOR_RETRIES", default_value_t = 5, value_name = "N")]
+    pub retries: u32,
+
+    /// Seconds before the first retry; doubles each time, at most 30.
+    #[arg(
+        long,
+        env = "POPULATOR_RETRY_BACKOFF",
+        default_value_t = 1.0,
+        value_name = "SECONDS"
+    )]
+    pub retry_backoff: f64,
+
+    /// Connect timeout, and the longest a transfer may stall, in seconds.
+    #[arg(
+        long,
+        env = "POPULATOR_TIMEOUT",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
+    pub timeout: f64,
+}
+
+impl NetworkArgs {
+    /// The validated settings: `--timeout` and `--retry-backoff` must be a
+    /// positive number of seconds (exit 2, `InvalidConfiguration`, otherwise).
+    pub fn options(&self) -> anyhow::Result<HttpOptions> {
+        Ok(HttpOptions {
+            ca_file: self.ca_file.clone(),
+            insecure_skip_tls_verify: self.insecure_skip_tls_verify,
+            proxy: self.proxy.clone(),
+            timeout: positive_seconds(self.timeout, "--timeout")?,
+            retries: self.retries,
+            retry_backoff: positive_seconds(self.retry_backoff, "--retry-backoff")?,
+        })
+    }
+}
+
+fn positive_seconds(seconds: f64, flag: &str) -> anyhow::Result<Duration> {
+    if seconds.is_finite() && seconds > 0.0 {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(fail(
+            Kind::Usage,
+            "InvalidConfiguration",
+            format!("{flag} must be a positive number of seconds"),
+        ))
+    }
+}
+
 impl CommonArgs {
     /// `--target`, or `POPULATOR_VOLUME_PATH` (the env twin of its alias `--volume-path`).
     pub fn target_path(&self) -> Option<PathBuf> {
@@ -279,5 +352,20 @@ mod tests {
         assert_eq!(parse_size("500M"), Ok(500_000_000));
         assert_eq!(parse_size("42"), Ok(42));
         assert!(parse_size("10Qi").is_err());
+    }
+
+    #[test]
+    fn network_seconds_must_be_positive() {
+        assert_eq!(
+            positive_seconds(1.5, "--timeout").unwrap(),
+            Duration::from_millis(1500)
+        );
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let message = positive_seconds(bad, "--timeout").unwrap_err().to_string();
+            assert!(
+                message.contains("--timeout must be a positive number of seconds"),
+                "{message}"
+            );
+        }
     }
 }

@@ -102,7 +102,7 @@ impl<'a> Session<'a> {
         let mut p = ProxyOptions::new();
         // libgit2 tunnels only https through a proxy (plain http goes direct).
         if self.url.scheme == Scheme::Https {
-            if let Some(proxy) = proxy_for(&self.url, self.auth.proxy.as_deref()) {
+            if let Some(proxy) = proxy_for(&self.url, self.auth.network.proxy.as_deref()) {
                 p.url(&proxy);
             }
         }
@@ -244,7 +244,7 @@ impl<'a> Session<'a> {
                 )),
             };
         }
-        if self.auth.insecure_tls {
+        if self.auth.network.insecure_skip_tls_verify {
             return Ok(CertificateCheckStatus::CertificateOk);
         }
         Ok(CertificateCheckStatus::CertificatePassthrough)

@@ -2,11 +2,11 @@
 //! reading the secret files the flags name).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Result;
 use populator_core::error::{fail, Kind};
-use populator_core::options::CommonArgs;
+use populator_core::http::HttpOptions;
+use populator_core::options::{CommonArgs, NetworkArgs};
 use populator_core::secrets::{read_secret_file, secret_from, Secret};
 
 use crate::repo_url::RepoUrl;
@@ -94,8 +94,23 @@ pub enum SubmoduleMode {
     Recursive,
 }
 
+/// The network flags are the core's; their help says what they mean for Git.
 #[derive(clap::Args, Debug)]
-#[command(next_help_heading = "Authentication and network")]
+#[command(
+    next_help_heading = "Authentication and network",
+    mut_arg("insecure_skip_tls_verify", |a| a.help(
+        "Do not verify the HTTPS server's certificate (logs a warning)"
+    )),
+    mut_arg("proxy", |a| a.help(
+        "Proxy URL for http(s) remotes (HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured without it)"
+    )),
+    mut_arg("retries", |a| a.help(
+        "Attempts after a network failure before giving up with exit 75"
+    )),
+    mut_arg("timeout", |a| a.help(
+        "Connect timeout, and the longest the server may stay silent, in seconds"
+    ))
+)]
 pub struct AuthArgs {
     /// Private SSH key (OpenSSH or PEM: ed25519, rsa, ecdsa).
     #[arg(long, env = "POPULATOR_SSH_KEY_FILE", value_name = "PATH")]
@@ -126,40 +141,8 @@ pub struct AuthArgs {
     #[arg(long, env = "POPULATOR_TOKEN_FILE", value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
-    /// PEM file of CA certificates trusted besides the system ones.
-    #[arg(long, env = "POPULATOR_CA_FILE", value_name = "PATH")]
-    pub ca_file: Option<PathBuf>,
-
-    /// Do not verify the HTTPS server's certificate (logs a warning).
-    #[arg(long, env = "POPULATOR_INSECURE_SKIP_TLS_VERIFY", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
-    pub insecure_skip_tls_verify: bool,
-
-    /// Proxy URL for http(s) remotes (HTTPS_PROXY, HTTP_PROXY and NO_PROXY are
-    /// honoured without it).
-    #[arg(long, env = "POPULATOR_PROXY", value_name = "URL")]
-    pub proxy: Option<String>,
-
-    /// Attempts after a network failure before giving up with exit 75.
-    #[arg(long, env = "POPULATOR_RETRIES", default_value_t = 5, value_name = "N")]
-    pub retries: u32,
-
-    /// Seconds before the first retry; doubles each time, at most 30.
-    #[arg(
-        long,
-        env = "POPULATOR_RETRY_BACKOFF",
-        default_value_t = 1.0,
-        value_name = "SECONDS"
-    )]
-    pub retry_backoff: f64,
-
-    /// Connect timeout, and the longest the server may stay silent, in seconds.
-    #[arg(
-        long,
-        env = "POPULATOR_TIMEOUT",
-        default_value_t = 30.0,
-        value_name = "SECONDS"
-    )]
-    pub timeout: f64,
+    #[command(flatten)]
+    pub network: NetworkArgs,
 }
 
 /// What the ref names, as far as can be told before asking the remote.
@@ -206,12 +189,8 @@ pub struct AuthConfig {
     pub accept_any_host_key: bool,
     pub username: Option<String>,
     pub basic: Option<UserPass>,
-    pub insecure_tls: bool,
-    pub ca_file: Option<PathBuf>,
-    pub proxy: Option<String>,
-    pub retries: u32,
-    pub retry_backoff: Duration,
-    pub timeout: Duration,
+    /// TLS trust, proxy, retries and timeouts.
+    pub network: HttpOptions,
 }
 
 /// Everything the run needs, validated.
@@ -332,15 +311,6 @@ impl AuthArgs {
             }),
             (None, None) => None,
         };
-        let seconds = |s: f64, flag: &str| {
-            if s.is_finite() && s > 0.0 {
-                Ok(Duration::from_secs_f64(s))
-            } else {
-                Err(usage(format!(
-                    "{flag} must be a positive number of seconds"
-                )))
-            }
-        };
         Ok(AuthConfig {
             ssh_key: self.ssh_key_file.clone(),
             ssh_passphrase,
@@ -348,12 +318,7 @@ impl AuthArgs {
             accept_any_host_key: self.ssh_accept_any_host_key,
             username,
             basic,
-            insecure_tls: self.insecure_skip_tls_verify,
-            ca_file: self.ca_file.clone(),
-            proxy: self.proxy.clone(),
-            retries: self.retries,
-            retry_backoff: seconds(self.retry_backoff, "--retry-backoff")?,
-            timeout: seconds(self.timeout, "--timeout")?,
+            network: self.network.options()?,
         })
     }
 }

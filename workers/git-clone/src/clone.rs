@@ -328,7 +328,7 @@ fn adjust_tree(dir: &Path, owner: Option<(u32, u32)>, group_write: bool) -> Resu
 /// Process-wide libgit2 settings: no system or user git config (a host's
 /// `url.insteadOf` must not redirect a clone), timeouts, extra CAs.
 fn configure_libgit2(auth: &AuthConfig) -> Result<()> {
-    let ms = auth.timeout.as_millis().min(i32::MAX as u128) as i32;
+    let ms = auth.network.timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: called once, before any other libgit2 use in this process.
     unsafe {
         for level in [
@@ -341,7 +341,7 @@ fn configure_libgit2(auth: &AuthConfig) -> Result<()> {
         }
         git2::opts::set_server_connect_timeout_in_milliseconds(ms)?;
         git2::opts::set_server_timeout_in_milliseconds(ms)?;
-        if let Some(ca) = &auth.ca_file {
+        if let Some(ca) = &auth.network.ca_file {
             fs::File::open(ca).map_err(|e| {
                 fail(
                     Kind::Usage,
@@ -355,7 +355,7 @@ fn configure_libgit2(auth: &AuthConfig) -> Result<()> {
     // The indexer hashes every object it receives; hashing each blob again
     // when the checkout reads it would double the work for nothing.
     git2::opts::strict_hash_verification(false);
-    if auth.insecure_tls {
+    if auth.network.insecure_skip_tls_verify {
         populator_core::log::warn(
             "--insecure-skip-tls-verify: the server's TLS certificate is NOT verified",
         );

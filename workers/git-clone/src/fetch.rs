@@ -53,8 +53,8 @@ pub fn fetch(
     depth: u32,
     ctx: &Context,
 ) -> Result<Fetched> {
-    let retries = session.auth().retries;
-    let mut backoff = session.auth().retry_backoff;
+    let retries = session.auth().network.retries;
+    let mut backoff = session.auth().network.retry_backoff;
     let mut attempt = 0;
     loop {
         attempt += 1;

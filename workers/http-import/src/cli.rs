@@ -2,12 +2,11 @@
 //! besides reading the secret files the flags name).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Result;
 use populator_core::error::{fail, Kind};
 use populator_core::http::{parse_header, HttpOptions};
-use populator_core::options::{CommonArgs, ContentArgs};
+use populator_core::options::{CommonArgs, ContentArgs, NetworkArgs};
 use populator_core::secrets::{read_secret_lines, secret_from};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use url::Url;
@@ -34,14 +33,6 @@ pub struct Args {
 #[derive(clap::Args, Debug)]
 #[command(next_help_heading = "HTTP")]
 pub struct HttpArgs {
-    /// PEM file of CA certificates trusted besides the system ones.
-    #[arg(long, env = "POPULATOR_CA_FILE", value_name = "PATH")]
-    pub ca_file: Option<PathBuf>,
-
-    /// Do not verify the server's certificate (logs a warning).
-    #[arg(long, env = "POPULATOR_INSECURE_SKIP_TLS_VERIFY", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
-    pub insecure_skip_tls_verify: bool,
-
     /// A request header, "Name: value" (repeatable; not for secrets, use --header-file).
     #[arg(long = "header", env = "POPULATOR_HEADER", value_name = "NAME: VALUE")]
     pub headers: Vec<String>,
@@ -69,32 +60,8 @@ pub struct HttpArgs {
     )]
     pub bearer_token_file: Option<PathBuf>,
 
-    /// Proxy URL for all requests (HTTP_PROXY, HTTPS_PROXY and NO_PROXY are
-    /// honoured without it).
-    #[arg(long, env = "POPULATOR_PROXY", value_name = "URL")]
-    pub proxy: Option<String>,
-
-    /// Retries after connection errors, timeouts and 5xx answers.
-    #[arg(long, env = "POPULATOR_RETRIES", default_value_t = 5, value_name = "N")]
-    pub retries: u32,
-
-    /// Seconds before the first retry; doubles each time, at most 30.
-    #[arg(
-        long,
-        env = "POPULATOR_RETRY_BACKOFF",
-        default_value_t = 1.0,
-        value_name = "SECONDS"
-    )]
-    pub retry_backoff: f64,
-
-    /// Connect timeout, and the longest a transfer may stall, in seconds.
-    #[arg(
-        long,
-        env = "POPULATOR_TIMEOUT",
-        default_value_t = 30.0,
-        value_name = "SECONDS"
-    )]
-    pub timeout: f64,
+    #[command(flatten)]
+    pub network: NetworkArgs,
 
     /// Parallel ranged connections when the server allows ranges.
     #[arg(long, env = "POPULATOR_CONNECTIONS", default_value_t = 1, value_name = "N",
@@ -162,26 +129,8 @@ impl HttpArgs {
             }
             (None, None, None) => {}
         }
-        let seconds = |s: f64, flag: &str| {
-            if s.is_finite() && s > 0.0 {
-                Ok(Duration::from_secs_f64(s))
-            } else {
-                Err(fail(
-                    Kind::Usage,
-                    "InvalidConfiguration",
-                    format!("{flag} must be a positive number of seconds"),
-                ))
-            }
-        };
         Ok(HttpConfig {
-            options: HttpOptions {
-                ca_file: self.ca_file.clone(),
-                insecure_skip_tls_verify: self.insecure_skip_tls_verify,
-                proxy: self.proxy.clone(),
-                timeout: seconds(self.timeout, "--timeout")?,
-                retries: self.retries,
-                retry_backoff: seconds(self.retry_backoff, "--retry-backoff")?,
-            },
+            options: self.network.options()?,
             public_headers,
             secret_headers,
             connections: self.connections as usize,
