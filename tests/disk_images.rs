@@ -575,3 +575,221 @@ fn bad_images_fail_with_the_contract_s_codes_and_say_why() {
         .code(4)
         .message_contains("virtual size");
 }
+
+/// Where a fixture is cut, as a function of its length.
+enum Cut {
+    /// This many bytes before the end (inside the last cluster, or exactly
+    /// the trailing marker or footer).
+    FromEnd(u64),
+    Half,
+    /// Exactly where the last grain marker of a streamOptimized vmdk starts.
+    LastGrain,
+}
+
+/// The offset of the last grain marker of a streamOptimized vmdk (qemu
+/// writes no end-of-stream marker: the grains run to the end of the file).
+fn last_grain_marker(image: &Path) -> u64 {
+    let data = std::fs::read(image).unwrap();
+    let le64 = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
+    let mut at = le64(64) as usize * 512;
+    let mut last = None;
+    while at + 16 <= data.len() {
+        let size = u32::from_le_bytes(data[at + 8..at + 12].try_into().unwrap()) as usize;
+        assert!(size > 0, "a metadata marker at {at}: not qemu's layout");
+        last = Some(at as u64);
+        at = (at + 12 + size).div_ceil(512) * 512;
+    }
+    last.expect("no grain")
+}
+
+/// `head -c` of a fixture: (fixture, cut, gzip it too, what the message says).
+type TruncationCase = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Cut,
+    bool,
+    &'static str,
+);
+
+#[test]
+fn truncated_images_fail_with_exit_3_and_never_succeed_with_zeros() {
+    require_root();
+    let dir = test_dir("truncated");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let cases: &[TruncationCase] = &[
+        (
+            "v3.qcow2",
+            "qcow2",
+            "",
+            Cut::FromEnd(1000),
+            true,
+            "truncated",
+        ),
+        ("v3.qcow2", "qcow2", "", Cut::Half, false, "truncated"),
+        ("zlib.qcow2", "qcow2", "-c", Cut::Half, true, "truncated"),
+        (
+            "sparse.vmdk",
+            "vmdk",
+            "-o subformat=monolithicSparse",
+            Cut::FromEnd(1000),
+            true,
+            "truncated",
+        ),
+        (
+            "stream.vmdk",
+            "vmdk",
+            "-o subformat=streamOptimized",
+            Cut::LastGrain,
+            true,
+            "ends before the grain at byte",
+        ),
+        (
+            "stream.vmdk",
+            "vmdk",
+            "-o subformat=streamOptimized",
+            Cut::FromEnd(1000),
+            false,
+            "truncated",
+        ),
+        (
+            "stream.vmdk",
+            "vmdk",
+            "-o subformat=streamOptimized",
+            Cut::Half,
+            true,
+            "truncated",
+        ),
+        (
+            "dynamic.vhd",
+            "vpc",
+            "-o subformat=dynamic",
+            Cut::FromEnd(512),
+            true,
+            "ends before its footer",
+        ),
+        (
+            "dynamic.vhd",
+            "vpc",
+            "-o subformat=dynamic",
+            Cut::FromEnd(1000),
+            false,
+            "truncated",
+        ),
+        (
+            "dynamic.vhdx",
+            "vhdx",
+            "-o subformat=dynamic",
+            Cut::FromEnd(1000),
+            true,
+            "truncated",
+        ),
+        (
+            "fixed.vhdx",
+            "vhdx",
+            "-o subformat=fixed",
+            Cut::Half,
+            false,
+            "truncated",
+        ),
+    ];
+    for (i, (name, format, options, cut, gzip, text)) in cases.iter().enumerate() {
+        let f = fixture(name, format, options);
+        let len = std::fs::metadata(&f.image).unwrap().len();
+        let keep = match cut {
+            Cut::FromEnd(n) => len - n,
+            Cut::Half => len / 2,
+            Cut::LastGrain => last_grain_marker(&f.image),
+        };
+        let cut_image = dir.join(format!("{i}-{name}"));
+        sh(&format!(
+            "head -c {keep} {} > {}",
+            f.image.display(),
+            cut_image.display()
+        ));
+        let mut served = vec![nginx().serve(&format!("truncated/{i}-{name}"), &cut_image)];
+        if *gzip {
+            // No declared length: the stream just stops.
+            let gz = compressed(&cut_image, "gzip");
+            served.push(nginx().serve(&format!("truncated/{i}-{name}.gz"), &gz));
+        }
+        for url in served {
+            let run = import(&url, &out).run();
+            run.code(3).reason("CorruptImage").message_contains(text);
+            assert!(
+                run.stderr
+                    .lines()
+                    .filter(|l| l.contains(": Failed ("))
+                    .count()
+                    == 1,
+                "{name} cut to {keep} bytes: one failure line{}",
+                run.dump()
+            );
+            let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+            assert!(left.is_empty(), "{url}: nothing may be left: {left:?}");
+        }
+    }
+}
+
+#[test]
+fn a_source_replaced_during_a_ranged_import_fails_instead_of_mixing_two_images() {
+    require_root();
+    let dir = test_dir("changed");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let f = out_of_order_qcow2();
+    let served = nginx().www.join("changed/late-l1.qcow2");
+    nginx().serve("changed/late-l1.qcow2", &f.image);
+    // The stream crawls (the L1 table is at its end, so range requests
+    // start only once it is through); the range requests that follow pass
+    // at full speed.
+    let size = std::fs::metadata(&f.image).unwrap().len();
+    let proxy = FaultProxy::start(nginx().port);
+    proxy.plan([Fault::Throttle((size / 4).max(64 << 10))]);
+    let cmd = import(&proxy.url("changed/late-l1.qcow2"), &out);
+    let child = cmd.spawn();
+    for _ in 0..200 {
+        if proxy.answered_count() > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert_eq!(proxy.answered_count(), 1, "the download did not start");
+    // Another image (another modification time, so another ETag) takes
+    // its place, as a server's file is replaced by a newer release.
+    let other = dir.join("other.qcow2");
+    let mut data = std::fs::read(&f.image).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    std::fs::write(&other, &data).unwrap();
+    sh(&format!(
+        "touch -d '2001-02-03 04:05:06' {}",
+        other.display()
+    ));
+    std::fs::rename(&other, &served).unwrap();
+    let run = child.wait();
+    let requests = proxy.requests.lock().unwrap().clone();
+    assert_eq!(run.code, 3, "requests: {requests:#?}{}", run.dump());
+    run.code(3)
+        .reason("SourceChanged")
+        .message_contains("changed since the download started");
+    let ranged: Vec<_> = requests
+        .iter()
+        .filter(|r| r.to_ascii_lowercase().contains("\r\nrange:"))
+        .collect();
+    assert!(
+        !ranged.is_empty(),
+        "no range request: {requests:?}{}",
+        run.dump()
+    );
+    for r in ranged {
+        let r = r.to_ascii_lowercase();
+        assert!(
+            r.contains("\r\nif-range: \"") && r.contains("\r\nif-match: \""),
+            "a range request without the first response's ETag: {r}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+    assert!(left.is_empty(), "nothing may be left: {left:?}");
+}
