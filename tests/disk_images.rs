@@ -793,3 +793,99 @@ fn a_source_replaced_during_a_ranged_import_fails_instead_of_mixing_two_images()
     let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
     assert!(left.is_empty(), "nothing may be left: {left:?}");
 }
+
+/// Block and grain tables of vhd, vhdx and vmdk images made by qemu-img
+/// (64 MiB virtual), patched: an entry past the end of the file, two
+/// entries naming the same block, an absurd disk size or block size.
+#[test]
+fn bad_block_and_grain_tables_fail_with_exit_3_and_say_why() {
+    require_root();
+    let dir = test_dir("bad-tables");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let raw = dir.join("small.raw");
+    sh(&format!(
+        "head -c {} {} > {}",
+        64 * MIB,
+        base_raw().display(),
+        raw.display()
+    ));
+    let make = |format: &str, options: &str, name: &str| {
+        let image = dir.join(name);
+        sh(&format!(
+            "qemu-img convert -f raw -O {format} {options} {} {}",
+            raw.display(),
+            image.display()
+        ));
+        std::fs::read(image).unwrap()
+    };
+    let be32 = |d: &[u8], at: usize| u32::from_be_bytes(d[at..at + 4].try_into().unwrap());
+    let le32 = |d: &[u8], at: usize| u32::from_le_bytes(d[at..at + 4].try_into().unwrap());
+    let le64 = |d: &[u8], at: usize| u64::from_le_bytes(d[at..at + 8].try_into().unwrap());
+    let mut cases: Vec<(String, Vec<u8>, &str)> = Vec::new();
+
+    // vhd: footer copy → dynamic header (BAT offset at 16) → BAT.
+    let vhd = make("vpc", "-o subformat=dynamic", "good.vhd");
+    let bat = u64::from_be_bytes(vhd[512 + 16..512 + 24].try_into().unwrap()) as usize;
+    let first = be32(&vhd, bat);
+    let mut v = vhd.clone();
+    v[bat..bat + 4].copy_from_slice(&0x0fff_ffffu32.to_be_bytes());
+    cases.push(("bat-past-end.vhd".into(), v, "reaches past the end"));
+    let mut v = vhd.clone();
+    v[bat + 4..bat + 8].copy_from_slice(&first.to_be_bytes());
+    cases.push(("bat-twice.vhd".into(), v, "referenced twice"));
+    let mut v = vhd.clone();
+    v[28..32].copy_from_slice(b"qem2");
+    v[48..56].copy_from_slice(&(1u64 << 60).to_be_bytes());
+    cases.push(("exabytes.vhd".into(), v, "absurd"));
+    let mut v = vhd.clone();
+    v[512 + 32..512 + 36].copy_from_slice(&3u32.to_be_bytes());
+    cases.push(("block-size.vhd".into(), v, "block size of 3 bytes"));
+
+    // vmdk monolithicSparse: grain directory (sector at 56) → grain tables.
+    let vmdk = make("vmdk", "-o subformat=monolithicSparse", "good.vmdk");
+    let gd = le64(&vmdk, 56) as usize * 512;
+    let gt = le32(&vmdk, gd) as usize * 512;
+    let mut v = vmdk.clone();
+    v[gd..gd + 4].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    cases.push(("gd-past-end.vmdk".into(), v, "grain table at byte"));
+    let mut v = vmdk.clone();
+    let grain = le32(&vmdk, gt);
+    v[gt + 4..gt + 8].copy_from_slice(&grain.to_le_bytes());
+    cases.push(("grain-twice.vmdk".into(), v, "referenced twice"));
+    let mut v = vmdk.clone();
+    v[12..20].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    cases.push(("exabytes.vmdk".into(), v, "absurd"));
+
+    // vhdx: region table at 192 KiB names the BAT region.
+    let vhdx = make("vhdx", "-o subformat=dynamic", "good.vhdx");
+    let bat_guid = [
+        0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a,
+        0x08,
+    ];
+    let regions = 192 << 10;
+    let entry = (0..le32(&vhdx, regions + 8) as usize)
+        .map(|i| regions + 16 + i * 32)
+        .find(|&e| vhdx[e..e + 16] == bat_guid)
+        .expect("no BAT region");
+    let bat = le64(&vhdx, entry + 16) as usize;
+    let mut v = vhdx.clone();
+    v[bat..bat + 8].copy_from_slice(&(1u64 << 40 | 6).to_le_bytes());
+    cases.push(("bat-past-end.vhdx".into(), v, "reaches past the end"));
+    let mut v = vhdx.clone();
+    let block = le64(&vhdx, bat);
+    assert_eq!(block & 7, 6, "block 0 of the vhdx should be present");
+    v[bat + 8..bat + 16].copy_from_slice(&block.to_le_bytes());
+    cases.push(("bat-twice.vhdx".into(), v, "referenced twice"));
+
+    for (name, data, text) in &cases {
+        let url = serve_bytes(&dir, name, data);
+        import(&url, &out)
+            .run()
+            .code(3)
+            .reason("CorruptImage")
+            .message_contains(text);
+        let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+        assert!(left.is_empty(), "{name}: nothing may be left: {left:?}");
+    }
+}
