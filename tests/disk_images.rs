@@ -740,58 +740,68 @@ fn a_source_replaced_during_a_ranged_import_fails_instead_of_mixing_two_images()
     std::fs::create_dir_all(&out).unwrap();
     let f = out_of_order_qcow2();
     let served = nginx().www.join("changed/late-l1.qcow2");
-    nginx().serve("changed/late-l1.qcow2", &f.image);
-    // The stream crawls (the L1 table is at its end, so range requests
-    // start only once it is through); the range requests that follow pass
-    // at full speed.
-    let size = std::fs::metadata(&f.image).unwrap().len();
-    let proxy = FaultProxy::start(nginx().port);
-    proxy.plan([Fault::Throttle((size / 4).max(64 << 10))]);
-    let cmd = import(&proxy.url("changed/late-l1.qcow2"), &out);
-    let child = cmd.spawn();
-    for _ in 0..200 {
-        if proxy.answered_count() > 0 {
-            break;
+    // With an ETag it goes in If-Range and If-Match; without one (nginx's
+    // /no-etag/ location) Last-Modified goes in If-Range and
+    // If-Unmodified-Since.
+    for (prefix, precondition) in [("", "if-match: \""), ("no-etag/", "if-unmodified-since: ")] {
+        // A copy, not the fixture's hard link: its time is set back, and
+        // other tests serve the same fixture at the same time.
+        std::fs::create_dir_all(served.parent().unwrap()).unwrap();
+        let _ = std::fs::remove_file(&served);
+        std::fs::copy(&f.image, &served).unwrap();
+        sh(&format!(
+            "touch -d '2001-02-03 04:05:06' {}",
+            served.display()
+        ));
+        // The stream crawls (the L1 table is at its end, so range requests
+        // start only once it is through); the range requests that follow
+        // pass at full speed.
+        let size = std::fs::metadata(&f.image).unwrap().len();
+        let proxy = FaultProxy::start(nginx().port);
+        proxy.plan([Fault::Throttle((size / 4).max(64 << 10))]);
+        let cmd = import(&proxy.url(&format!("{prefix}changed/late-l1.qcow2")), &out);
+        let child = cmd.spawn();
+        for _ in 0..400 {
+            if proxy.answered_count() > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
         }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
-    assert_eq!(proxy.answered_count(), 1, "the download did not start");
-    // Another image (another modification time, so another ETag) takes
-    // its place, as a server's file is replaced by a newer release.
-    let other = dir.join("other.qcow2");
-    let mut data = std::fs::read(&f.image).unwrap();
-    let last = data.len() - 1;
-    data[last] ^= 0xff;
-    std::fs::write(&other, &data).unwrap();
-    sh(&format!(
-        "touch -d '2001-02-03 04:05:06' {}",
-        other.display()
-    ));
-    std::fs::rename(&other, &served).unwrap();
-    let run = child.wait();
-    let requests = proxy.requests.lock().unwrap().clone();
-    assert_eq!(run.code, 3, "requests: {requests:#?}{}", run.dump());
-    run.code(3)
-        .reason("SourceChanged")
-        .message_contains("changed since the download started");
-    let ranged: Vec<_> = requests
-        .iter()
-        .filter(|r| r.to_ascii_lowercase().contains("\r\nrange:"))
-        .collect();
-    assert!(
-        !ranged.is_empty(),
-        "no range request: {requests:?}{}",
-        run.dump()
-    );
-    for r in ranged {
-        let r = r.to_ascii_lowercase();
+        assert_eq!(proxy.answered_count(), 1, "the download did not start");
+        // Another image, newer (another modification time, so another
+        // ETag), takes its place, as a server's file is replaced by a new
+        // release.
+        let other = dir.join("other.qcow2");
+        let mut data = std::fs::read(&f.image).unwrap();
+        let last = data.len() - 1;
+        data[last] ^= 0xff;
+        std::fs::write(&other, &data).unwrap();
+        std::fs::rename(&other, &served).unwrap();
+        let run = child.wait();
+        let requests = proxy.requests.lock().unwrap().clone();
+        assert_eq!(run.code, 3, "requests: {requests:#?}{}", run.dump());
+        run.code(3)
+            .reason("SourceChanged")
+            .message_contains("changed since the download started");
+        let ranged: Vec<_> = requests
+            .iter()
+            .map(|r| r.to_ascii_lowercase())
+            .filter(|r| r.contains("\r\nrange:"))
+            .collect();
         assert!(
-            r.contains("\r\nif-range: \"") && r.contains("\r\nif-match: \""),
-            "a range request without the first response's ETag: {r}"
+            !ranged.is_empty(),
+            "no range request: {requests:?}{}",
+            run.dump()
         );
+        for r in ranged {
+            assert!(
+                r.contains("\r\nif-range: ") && r.contains(&format!("\r\n{precondition}")),
+                "a range request without the first response's validator: {r}"
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+        assert!(left.is_empty(), "nothing may be left: {left:?}");
     }
-    let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
-    assert!(left.is_empty(), "nothing may be left: {left:?}");
 }
 
 /// Block and grain tables of vhd, vhdx and vmdk images made by qemu-img
