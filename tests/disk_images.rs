@@ -575,3 +575,327 @@ fn bad_images_fail_with_the_contract_s_codes_and_say_why() {
         .code(4)
         .message_contains("virtual size");
 }
+
+/// Where a fixture is cut, as a function of its length.
+enum Cut {
+    /// This many bytes before the end (inside the last cluster, or exactly
+    /// the trailing marker or footer).
+    FromEnd(u64),
+    Half,
+    /// Exactly where the last grain marker of a streamOptimized vmdk starts.
+    LastGrain,
+}
+
+/// The offset of the last grain marker of a streamOptimized vmdk (qemu
+/// writes no end-of-stream marker: the grains run to the end of the file).
+fn last_grain_marker(image: &Path) -> u64 {
+    let data = std::fs::read(image).unwrap();
+    let le64 = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
+    let mut at = le64(64) as usize * 512;
+    let mut last = None;
+    while at + 16 <= data.len() {
+        let size = u32::from_le_bytes(data[at + 8..at + 12].try_into().unwrap()) as usize;
+        assert!(size > 0, "a metadata marker at {at}: not qemu's layout");
+        last = Some(at as u64);
+        at = (at + 12 + size).div_ceil(512) * 512;
+    }
+    last.expect("no grain")
+}
+
+/// `head -c` of a fixture: (fixture, cut, gzip it too, what the message says).
+type TruncationCase = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Cut,
+    bool,
+    &'static str,
+);
+
+#[test]
+fn truncated_images_fail_with_exit_3_and_never_succeed_with_zeros() {
+    require_root();
+    let dir = test_dir("truncated");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let cases: &[TruncationCase] = &[
+        (
+            "v3.qcow2",
+            "qcow2",
+            "",
+            Cut::FromEnd(1000),
+            true,
+            "truncated",
+        ),
+        ("v3.qcow2", "qcow2", "", Cut::Half, false, "truncated"),
+        ("zlib.qcow2", "qcow2", "-c", Cut::Half, true, "truncated"),
+        (
+            "sparse.vmdk",
+            "vmdk",
+            "-o subformat=monolithicSparse",
+            Cut::FromEnd(1000),
+            true,
+            "truncated",
+        ),
+        (
+            "stream.vmdk",
+            "vmdk",
+            "-o subformat=streamOptimized",
+            Cut::LastGrain,
+            true,
+            "ends before the grain at byte",
+        ),
+        (
+            "stream.vmdk",
+            "vmdk",
+            "-o subformat=streamOptimized",
+            Cut::FromEnd(1000),
+            false,
+            "truncated",
+        ),
+        (
+            "stream.vmdk",
+            "vmdk",
+            "-o subformat=streamOptimized",
+            Cut::Half,
+            true,
+            "truncated",
+        ),
+        (
+            "dynamic.vhd",
+            "vpc",
+            "-o subformat=dynamic",
+            Cut::FromEnd(512),
+            true,
+            "ends before its footer",
+        ),
+        (
+            "dynamic.vhd",
+            "vpc",
+            "-o subformat=dynamic",
+            Cut::FromEnd(1000),
+            false,
+            "truncated",
+        ),
+        (
+            "dynamic.vhdx",
+            "vhdx",
+            "-o subformat=dynamic",
+            Cut::FromEnd(1000),
+            true,
+            "truncated",
+        ),
+        (
+            "fixed.vhdx",
+            "vhdx",
+            "-o subformat=fixed",
+            Cut::Half,
+            false,
+            "truncated",
+        ),
+    ];
+    for (i, (name, format, options, cut, gzip, text)) in cases.iter().enumerate() {
+        let f = fixture(name, format, options);
+        let len = std::fs::metadata(&f.image).unwrap().len();
+        let keep = match cut {
+            Cut::FromEnd(n) => len - n,
+            Cut::Half => len / 2,
+            Cut::LastGrain => last_grain_marker(&f.image),
+        };
+        let cut_image = dir.join(format!("{i}-{name}"));
+        sh(&format!(
+            "head -c {keep} {} > {}",
+            f.image.display(),
+            cut_image.display()
+        ));
+        let mut served = vec![nginx().serve(&format!("truncated/{i}-{name}"), &cut_image)];
+        if *gzip {
+            // No declared length: the stream just stops.
+            let gz = compressed(&cut_image, "gzip");
+            served.push(nginx().serve(&format!("truncated/{i}-{name}.gz"), &gz));
+        }
+        for url in served {
+            let run = import(&url, &out).run();
+            run.code(3).reason("CorruptImage").message_contains(text);
+            assert!(
+                run.stderr
+                    .lines()
+                    .filter(|l| l.contains(": Failed ("))
+                    .count()
+                    == 1,
+                "{name} cut to {keep} bytes: one failure line{}",
+                run.dump()
+            );
+            let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+            assert!(left.is_empty(), "{url}: nothing may be left: {left:?}");
+        }
+    }
+}
+
+#[test]
+fn a_source_replaced_during_a_ranged_import_fails_instead_of_mixing_two_images() {
+    require_root();
+    let dir = test_dir("changed");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let f = out_of_order_qcow2();
+    let served = nginx().www.join("changed/late-l1.qcow2");
+    // With an ETag it goes in If-Range and If-Match; without one (nginx's
+    // /no-etag/ location) Last-Modified goes in If-Range and
+    // If-Unmodified-Since.
+    for (prefix, precondition) in [("", "if-match: \""), ("no-etag/", "if-unmodified-since: ")] {
+        // A copy, not the fixture's hard link: its time is set back, and
+        // other tests serve the same fixture at the same time.
+        std::fs::create_dir_all(served.parent().unwrap()).unwrap();
+        let _ = std::fs::remove_file(&served);
+        std::fs::copy(&f.image, &served).unwrap();
+        sh(&format!(
+            "touch -d '2001-02-03 04:05:06' {}",
+            served.display()
+        ));
+        // The stream crawls (the L1 table is at its end, so range requests
+        // start only once it is through); the range requests that follow
+        // pass at full speed.
+        let size = std::fs::metadata(&f.image).unwrap().len();
+        let proxy = FaultProxy::start(nginx().port);
+        proxy.plan([Fault::Throttle((size / 4).max(64 << 10))]);
+        let cmd = import(&proxy.url(&format!("{prefix}changed/late-l1.qcow2")), &out);
+        let child = cmd.spawn();
+        for _ in 0..400 {
+            if proxy.answered_count() > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        assert_eq!(proxy.answered_count(), 1, "the download did not start");
+        // Another image, newer (another modification time, so another
+        // ETag), takes its place, as a server's file is replaced by a new
+        // release.
+        let other = dir.join("other.qcow2");
+        let mut data = std::fs::read(&f.image).unwrap();
+        let last = data.len() - 1;
+        data[last] ^= 0xff;
+        std::fs::write(&other, &data).unwrap();
+        std::fs::rename(&other, &served).unwrap();
+        let run = child.wait();
+        let requests = proxy.requests.lock().unwrap().clone();
+        assert_eq!(run.code, 3, "requests: {requests:#?}{}", run.dump());
+        run.code(3)
+            .reason("SourceChanged")
+            .message_contains("changed since the download started");
+        let ranged: Vec<_> = requests
+            .iter()
+            .map(|r| r.to_ascii_lowercase())
+            .filter(|r| r.contains("\r\nrange:"))
+            .collect();
+        assert!(
+            !ranged.is_empty(),
+            "no range request: {requests:?}{}",
+            run.dump()
+        );
+        for r in ranged {
+            assert!(
+                r.contains("\r\nif-range: ") && r.contains(&format!("\r\n{precondition}")),
+                "a range request without the first response's validator: {r}"
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+        assert!(left.is_empty(), "nothing may be left: {left:?}");
+    }
+}
+
+/// Block and grain tables of vhd, vhdx and vmdk images made by qemu-img
+/// (64 MiB virtual), patched: an entry past the end of the file, two
+/// entries naming the same block, an absurd disk size or block size.
+#[test]
+fn bad_block_and_grain_tables_fail_with_exit_3_and_say_why() {
+    require_root();
+    let dir = test_dir("bad-tables");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let raw = dir.join("small.raw");
+    sh(&format!(
+        "head -c {} {} > {}",
+        64 * MIB,
+        base_raw().display(),
+        raw.display()
+    ));
+    let make = |format: &str, options: &str, name: &str| {
+        let image = dir.join(name);
+        sh(&format!(
+            "qemu-img convert -f raw -O {format} {options} {} {}",
+            raw.display(),
+            image.display()
+        ));
+        std::fs::read(image).unwrap()
+    };
+    let be32 = |d: &[u8], at: usize| u32::from_be_bytes(d[at..at + 4].try_into().unwrap());
+    let le32 = |d: &[u8], at: usize| u32::from_le_bytes(d[at..at + 4].try_into().unwrap());
+    let le64 = |d: &[u8], at: usize| u64::from_le_bytes(d[at..at + 8].try_into().unwrap());
+    let mut cases: Vec<(String, Vec<u8>, &str)> = Vec::new();
+
+    // vhd: footer copy → dynamic header (BAT offset at 16) → BAT.
+    let vhd = make("vpc", "-o subformat=dynamic", "good.vhd");
+    let bat = u64::from_be_bytes(vhd[512 + 16..512 + 24].try_into().unwrap()) as usize;
+    let first = be32(&vhd, bat);
+    let mut v = vhd.clone();
+    v[bat..bat + 4].copy_from_slice(&0x0fff_ffffu32.to_be_bytes());
+    cases.push(("bat-past-end.vhd".into(), v, "reaches past the end"));
+    let mut v = vhd.clone();
+    v[bat + 4..bat + 8].copy_from_slice(&first.to_be_bytes());
+    cases.push(("bat-twice.vhd".into(), v, "referenced twice"));
+    let mut v = vhd.clone();
+    v[28..32].copy_from_slice(b"qem2");
+    v[48..56].copy_from_slice(&(1u64 << 60).to_be_bytes());
+    cases.push(("exabytes.vhd".into(), v, "absurd"));
+    let mut v = vhd.clone();
+    v[512 + 32..512 + 36].copy_from_slice(&3u32.to_be_bytes());
+    cases.push(("block-size.vhd".into(), v, "block size of 3 bytes"));
+
+    // vmdk monolithicSparse: grain directory (sector at 56) → grain tables.
+    let vmdk = make("vmdk", "-o subformat=monolithicSparse", "good.vmdk");
+    let gd = le64(&vmdk, 56) as usize * 512;
+    let gt = le32(&vmdk, gd) as usize * 512;
+    let mut v = vmdk.clone();
+    v[gd..gd + 4].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    cases.push(("gd-past-end.vmdk".into(), v, "grain table at byte"));
+    let mut v = vmdk.clone();
+    let grain = le32(&vmdk, gt);
+    v[gt + 4..gt + 8].copy_from_slice(&grain.to_le_bytes());
+    cases.push(("grain-twice.vmdk".into(), v, "referenced twice"));
+    let mut v = vmdk.clone();
+    v[12..20].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    cases.push(("exabytes.vmdk".into(), v, "absurd"));
+
+    // vhdx: region table at 192 KiB names the BAT region.
+    let vhdx = make("vhdx", "-o subformat=dynamic", "good.vhdx");
+    let bat_guid = [
+        0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a,
+        0x08,
+    ];
+    let regions = 192 << 10;
+    let entry = (0..le32(&vhdx, regions + 8) as usize)
+        .map(|i| regions + 16 + i * 32)
+        .find(|&e| vhdx[e..e + 16] == bat_guid)
+        .expect("no BAT region");
+    let bat = le64(&vhdx, entry + 16) as usize;
+    let mut v = vhdx.clone();
+    v[bat..bat + 8].copy_from_slice(&(1u64 << 40 | 6).to_le_bytes());
+    cases.push(("bat-past-end.vhdx".into(), v, "reaches past the end"));
+    let mut v = vhdx.clone();
+    let block = le64(&vhdx, bat);
+    assert_eq!(block & 7, 6, "block 0 of the vhdx should be present");
+    v[bat + 8..bat + 16].copy_from_slice(&block.to_le_bytes());
+    cases.push(("bat-twice.vhdx".into(), v, "referenced twice"));
+
+    for (name, data, text) in &cases {
+        let url = serve_bytes(&dir, name, data);
+        import(&url, &out)
+            .run()
+            .code(3)
+            .reason("CorruptImage")
+            .message_contains(text);
+        let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+        assert!(left.is_empty(), "{name}: nothing may be left: {left:?}");
+    }
+}

@@ -118,6 +118,7 @@ http {{
       rewrite ^/redirect-same/(.*)$ /$1 redirect;
     }}
     location /no-ranges/ {{ alias {www}/; max_ranges 0; }}
+    location /no-etag/ {{ alias {www}/; etag off; }}
   }}
 }}
 "#,

@@ -34,6 +34,9 @@ pub struct FaultProxy {
     /// Request heads seen, in order.
     pub requests: Arc<Mutex<Vec<String>>>,
     on_drop: Arc<Mutex<Option<Hook>>>,
+    /// Upstream answers whose head has arrived (the upstream has opened
+    /// what it serves).
+    answered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FaultProxy {
@@ -46,7 +49,9 @@ impl FaultProxy {
             default: Arc::new(Mutex::new(Fault::Pass)),
             requests: Default::default(),
             on_drop: Default::default(),
+            answered: Default::default(),
         };
+        let answered = proxy.answered.clone();
         let (plan, default, requests, on_drop) = (
             proxy.plan.clone(),
             proxy.default.clone(),
@@ -63,8 +68,11 @@ impl FaultProxy {
                     .pop_front()
                     .unwrap_or_else(|| default.lock().unwrap().clone());
                 let (requests, on_drop) = (requests.clone(), on_drop.lock().unwrap().clone());
+                let answered = answered.clone();
                 std::thread::spawn(move || {
-                    let _ = handle(client, upstream, fault, index, &requests, on_drop);
+                    let _ = handle(
+                        client, upstream, fault, index, &requests, on_drop, &answered,
+                    );
                 });
             }
         });
@@ -95,6 +103,11 @@ impl FaultProxy {
             self.port,
             path.trim_start_matches('/')
         )
+    }
+
+    /// How many upstream answers have started (their heads arrived).
+    pub fn answered_count(&self) -> usize {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn request_count(&self) -> usize {
@@ -143,6 +156,7 @@ fn handle(
     index: usize,
     requests: &Mutex<Vec<String>>,
     on_drop: Option<Hook>,
+    answered: &std::sync::atomic::AtomicUsize,
 ) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let (head, _) = read_head(&mut client)?;
@@ -160,6 +174,7 @@ fn handle(
     let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
     up.write_all(&set_header(&head, "Connection", Some("close")))?;
     let (resp_head, first_body) = read_head(&mut up)?;
+    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let resp_head = match fault {
         Fault::HideLength => set_header(&resp_head, "Content-Length", None),
         _ => resp_head,

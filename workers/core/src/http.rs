@@ -41,6 +41,9 @@ pub struct HttpSource {
     secret_headers: HeaderMap,
     options: HttpOptions,
     cancel: CancelToken,
+    /// The validator (strong ETag, else Last-Modified) of the current
+    /// download's first response: range reads must see the same resource.
+    validator: std::sync::Mutex<Option<String>>,
 }
 
 /// A byte range `start..end` (end exclusive, `None` = to the end).
@@ -89,7 +92,14 @@ impl HttpSource {
             secret_headers,
             options,
             cancel,
+            validator: Default::default(),
         })
+    }
+
+    /// The validator of the current download's first response, if the
+    /// server sent one.
+    pub fn validator(&self) -> Option<String> {
+        self.validator.lock().unwrap().clone()
     }
 
     /// The URL as it may be shown: no query string (it may hold a signature).
@@ -104,9 +114,21 @@ impl HttpSource {
         range: Option<ByteRange>,
         validator: Option<&str>,
     ) -> Result<reqwest::Response> {
+        self.get_conditional(range, validator, false).await
+    }
+
+    /// [`HttpSource::get`]; with `must_match`, the validator is also sent as
+    /// a precondition (`If-Match` for an ETag, `If-Unmodified-Since` for a
+    /// date), so a changed resource answers 412 rather than a full 200.
+    pub async fn get_conditional(
+        &self,
+        range: Option<ByteRange>,
+        validator: Option<&str>,
+        must_match: bool,
+    ) -> Result<reqwest::Response> {
         let mut attempt = 0;
         loop {
-            let failure = match self.get_once(range, validator).await {
+            let failure = match self.get_once(range, validator, must_match).await {
                 Ok(resp) if resp.status().is_success() => return Ok(resp),
                 Ok(resp) => match classify_status(resp.status(), &self.display_url()) {
                     Retry::No(e) => return Err(e),
@@ -165,6 +187,7 @@ impl HttpSource {
         &self,
         range: Option<ByteRange>,
         validator: Option<&str>,
+        must_match: bool,
     ) -> reqwest::Result<reqwest::Response> {
         let origin = self.url.origin();
         let mut url = self.url.clone();
@@ -185,6 +208,14 @@ impl HttpSource {
                 if let Some(v) = validator {
                     req = req.header(reqwest::header::IF_RANGE, v);
                 }
+            }
+            if let Some(v) = validator.filter(|_| must_match) {
+                let precondition = if v.starts_with('"') {
+                    reqwest::header::IF_MATCH
+                } else {
+                    reqwest::header::IF_UNMODIFIED_SINCE
+                };
+                req = req.header(precondition, v);
             }
             let resp = req.send().await?;
             if resp.status().is_redirection() {
@@ -215,6 +246,7 @@ impl HttpSource {
     ) -> Result<DownloadStats> {
         let first = self.get(None, None).await?;
         let info = resource_info(&first);
+        *self.validator.lock().unwrap() = info.validator.clone();
         progress.set_total(info.size);
         let mut stats = DownloadStats {
             info: info.clone(),
@@ -570,6 +602,9 @@ fn classify_status(status: StatusCode, url: &str) -> Retry {
             "Forbidden",
             format!("{msg}: the credentials are not allowed to read it"),
         )),
+        412 => Retry::No(source_changed(format!(
+            "{msg}: it changed since the download started"
+        ))),
         404 | 410 => Retry::No(fail(
             Kind::Usage,
             "NotFound",
@@ -601,6 +636,16 @@ fn resource_info(resp: &reqwest::Response) -> ResourceInfo {
         ranges: get(reqwest::header::ACCEPT_RANGES).is_some_and(|r| r.contains("bytes")),
         validator,
     }
+}
+
+/// The source is no longer the resource the import started reading: its
+/// pieces cannot be put together (exit 3).
+fn source_changed(message: String) -> anyhow::Error {
+    fail(
+        Kind::Integrity,
+        "SourceChanged",
+        format!("{message}; its pieces cannot be combined: start the import again"),
+    )
 }
 
 /// A resumed request must answer 206 from the offset asked for; a 200 means
@@ -739,12 +784,26 @@ impl crate::disk::RandomAccess for HttpRangeReader {
         each: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
         let url = self.source.display_url();
+        // Every range must come from the resource the stream is reading:
+        // If-Range and If-Match (or If-Unmodified-Since) carry its validator.
+        let validator = self.source.validator();
         self.runtime.block_on(async {
             let range = ByteRange {
                 start: offset,
                 end: Some(offset + len),
             };
-            let mut resp = self.source.get(Some(range), None).await?;
+            let mut resp = self
+                .source
+                .get_conditional(Some(range), validator.as_deref(), true)
+                .await?;
+            let answered = resource_info(&resp).validator;
+            if validator.is_some() && answered.is_some() && answered != validator {
+                return Err(source_changed(format!(
+                    "{url} changed since the download started (its validator was {}, a range request got {})",
+                    validator.unwrap_or_default(),
+                    answered.unwrap_or_default()
+                )));
+            }
             if resp.status() != StatusCode::PARTIAL_CONTENT {
                 return Err(crate::disk::ranges_unsupported(format!(
                     "{url} does not answer range requests"

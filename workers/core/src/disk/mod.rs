@@ -404,17 +404,23 @@ impl Sink for DiskSink {
 /// capacity of `capacity` bytes: the entry point of the fuzz targets (and a
 /// quick way to check a parser on hostile bytes). No ranges, no spooling.
 pub fn convert_bytes(format: Format, data: &[u8], capacity: u64) -> Result<()> {
-    let target = Target {
+    let null = Target {
         path: PathBuf::from("/dev/null"),
         kind: TargetKind::Block,
         capacity: Some(capacity),
     };
+    convert_slice(format, data, &null, true)
+}
+
+/// [`convert_bytes`], with or without the length declared (as a server
+/// declares it, or as a decompressed stream does not).
+fn convert_slice(format: Format, data: &[u8], target: &Target, declared: bool) -> Result<()> {
     let ctx = Context::new(crate::cancel::CancelToken::default());
     let spec = ContentSpec::default();
-    let mut sink = DiskSink::open(&target, &spec, &ctx)?;
+    let mut sink = DiskSink::open(target, &spec, &ctx)?;
     let info = StreamInfo {
         compression: Compression::None,
-        declared_size: Some(data.len() as u64),
+        declared_size: declared.then_some(data.len() as u64),
     };
     let mut reader = data;
     match format {
@@ -470,6 +476,113 @@ mod tests {
         assert!(format!("{err:#}").contains("impossible size"), "{err:#}");
         for format in [Format::Vmdk, Format::Vhd, Format::Vhdx] {
             assert!(convert_bytes(format, &[0xff; 100], 1 << 20).is_err());
+        }
+    }
+
+    /// A one-grain streamOptimized vmdk (64 KiB disk) and where its
+    /// end-of-stream marker starts.
+    fn stream_vmdk() -> (Vec<u8>, usize) {
+        use std::io::Write as _;
+        let mut h = vec![0u8; 512];
+        h[..4].copy_from_slice(b"KDMV");
+        h[4..8].copy_from_slice(&3u32.to_le_bytes());
+        h[8..12].copy_from_slice(&(1u32 << 16 | 1 << 17).to_le_bytes());
+        h[12..20].copy_from_slice(&128u64.to_le_bytes());
+        h[20..28].copy_from_slice(&128u64.to_le_bytes());
+        h[64..72].copy_from_slice(&1u64.to_le_bytes());
+        h[77..79].copy_from_slice(&1u16.to_le_bytes());
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&[0x5a; 64 << 10]).unwrap();
+        let grain = z.finish().unwrap();
+        let mut image = h;
+        image.extend_from_slice(&0u64.to_le_bytes());
+        image.extend_from_slice(&(grain.len() as u32).to_le_bytes());
+        image.extend_from_slice(&grain);
+        image.resize(image.len().div_ceil(512) * 512, 0);
+        let eos = image.len();
+        image.resize(eos + 512, 0);
+        (image, eos)
+    }
+
+    /// A dynamic vhd of 8 KiB in 4 KiB blocks, the first allocated, and
+    /// where its trailing footer starts.
+    fn dynamic_vhd() -> (Vec<u8>, usize) {
+        let mut footer = vec![0u8; 512];
+        footer[..8].copy_from_slice(b"conectix");
+        footer[16..24].copy_from_slice(&512u64.to_be_bytes());
+        footer[28..32].copy_from_slice(b"qem2");
+        footer[48..56].copy_from_slice(&8192u64.to_be_bytes());
+        footer[60..64].copy_from_slice(&3u32.to_be_bytes());
+        let mut image = footer.clone();
+        let mut dynamic = vec![0u8; 1024];
+        dynamic[..8].copy_from_slice(b"cxsparse");
+        dynamic[16..24].copy_from_slice(&1536u64.to_be_bytes());
+        dynamic[28..32].copy_from_slice(&2u32.to_be_bytes());
+        dynamic[32..36].copy_from_slice(&4096u32.to_be_bytes());
+        image.extend_from_slice(&dynamic);
+        let mut bat = vec![0xffu8; 512];
+        bat[..4].copy_from_slice(&4u32.to_be_bytes());
+        image.extend_from_slice(&bat);
+        image.extend_from_slice(&[0xff; 512]); // the block's sector bitmap
+        image.extend_from_slice(&[0x5a; 4096]);
+        let at = image.len();
+        image.extend_from_slice(&footer);
+        (image, at)
+    }
+
+    /// An image file in the temporary directory (a successful conversion
+    /// flushes, which /dev/null refuses).
+    fn image_file(name: &str) -> Target {
+        Target {
+            path: std::env::temp_dir().join(format!("populator-{}-{name}", std::process::id())),
+            kind: TargetKind::File,
+            capacity: Some(1 << 20),
+        }
+    }
+
+    fn convert_ok(format: Format, data: &[u8], declared: bool) {
+        let target = image_file(format.name());
+        let converted = convert_slice(format, data, &target, declared);
+        let _ = fs::remove_file(&target.path);
+        converted.unwrap();
+    }
+
+    fn failure(format: Format, data: &[u8], declared: bool) -> String {
+        let target = image_file("bad");
+        let converted = convert_slice(format, data, &target, declared);
+        let _ = fs::remove_file(&target.path);
+        let err = converted.unwrap_err();
+        assert_eq!(classify(&err).kind, Kind::Integrity, "{err:#}");
+        format!("{err:#}")
+    }
+
+    /// A stream cut at any point fails (exit 3), whether the server
+    /// declared its length or it arrived decompressed without one; it never
+    /// succeeds with the rest of the disk read as zeros.
+    #[test]
+    fn truncated_streams_fail_at_any_cut() {
+        for declared in [true, false] {
+            let (vmdk, eos) = stream_vmdk();
+            convert_ok(Format::Vmdk, &vmdk, declared);
+            let msg = failure(Format::Vmdk, &vmdk[..eos], declared);
+            assert!(msg.contains("before its end-of-stream marker"), "{msg}");
+            for cut in [520, 600, eos - 100, eos + 8] {
+                let msg = failure(Format::Vmdk, &vmdk[..cut], declared);
+                assert!(msg.contains("truncated"), "cut at {cut}: {msg}");
+            }
+            let (vhd, footer) = dynamic_vhd();
+            convert_ok(Format::Vhd, &vhd, declared);
+            for cut in [footer, footer + 100, footer + 511] {
+                let msg = failure(Format::Vhd, &vhd[..cut], declared);
+                assert!(
+                    msg.contains("ends before its footer"),
+                    "cut at {cut}: {msg}"
+                );
+            }
+            for cut in [700, 1600, 2600, footer - 1] {
+                let msg = failure(Format::Vhd, &vhd[..cut], declared);
+                assert!(msg.contains("truncated"), "cut at {cut}: {msg}");
+            }
         }
     }
 }

@@ -80,6 +80,19 @@ pub trait Layout {
         data: &[u8],
         plan: &mut Plan<Self::Tag>,
     ) -> Result<()>;
+    /// Bytes the format keeps after everything its tables map (a footer),
+    /// checked by [`Layout::finish`].
+    fn trailer_len(&self) -> u64 {
+        0
+    }
+    /// Called once every region was served, with the last bytes of the
+    /// stream after them (at most [`Layout::trailer_len`]; fewer when the
+    /// stream ends early). A format whose end is marked (an end-of-stream
+    /// marker, a footer) refuses a stream that stops before it, instead of
+    /// the rest of the disk silently reading as zeros.
+    fn finish(&mut self, _trailer: &[u8]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The regions still to read, ordered by host offset, plus the host ranges
@@ -302,6 +315,8 @@ pub struct Cursor<'r> {
     start: u64,
     eof: bool,
     spool: Option<Spool>,
+    /// The end of the furthest region served from the stream.
+    served_to: u64,
 }
 
 /// Bytes kept behind the current region.
@@ -315,6 +330,7 @@ impl<'r> Cursor<'r> {
             start: 0,
             eof: false,
             spool,
+            served_to: 0,
         }
     }
 
@@ -399,6 +415,7 @@ impl<'r> Cursor<'r> {
     pub fn fetch(&mut self, offset: u64, len: u64) -> io::Result<&[u8]> {
         self.advance_to(offset)?;
         let end = offset + len;
+        self.served_to = self.served_to.max(end);
         while self.end() < end {
             if self.fill((end - self.end()) as usize)? == 0 {
                 break;
@@ -412,6 +429,28 @@ impl<'r> Cursor<'r> {
         Ok(&self.buf[from..to])
     }
 
+    /// Reads the stream to its end and returns its last `n` bytes that no
+    /// region consumed (fewer when the stream ends sooner).
+    pub fn tail(&mut self, n: u64) -> io::Result<Vec<u8>> {
+        let n = n as usize;
+        let unserved = self.served_to.saturating_sub(self.start) as usize;
+        let unserved = &self.buf[unserved.min(self.buf.len())..];
+        let mut tail = unserved[unserved.len().saturating_sub(n)..].to_vec();
+        if n == 0 {
+            return Ok(tail);
+        }
+        let mut piece = vec![0u8; PIECE];
+        loop {
+            let got = read_some(self.reader, &mut self.eof, &mut piece)?;
+            if got == 0 {
+                return Ok(tail);
+            }
+            tail.extend_from_slice(&piece[..got]);
+            let excess = tail.len().saturating_sub(n);
+            tail.drain(..excess);
+        }
+    }
+
     /// Passes `offset..offset + len` to `each` in pieces without holding it;
     /// returns how many bytes the stream had.
     pub fn copy(
@@ -421,6 +460,7 @@ impl<'r> Cursor<'r> {
         each: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<u64> {
         self.advance_to(offset)?;
+        self.served_to = self.served_to.max(offset + len);
         if self.end() < offset {
             return Ok(0);
         }
@@ -639,6 +679,8 @@ impl<'r, L: Layout> Driver<'r, L> {
             }
             self.serve(offset, region, &mut output)?;
         }
+        let trailer = self.cursor.tail(self.layout.trailer_len())?;
+        self.layout.finish(&trailer)?;
         let output = match output {
             Some(o) => o,
             None => begin(self.plan.virtual_size.ok_or_else(|| {
@@ -666,7 +708,7 @@ impl<'r, L: Layout> Driver<'r, L> {
                 if region.optional && !behind && self.cursor.fetch(offset, 1)?.is_empty() {
                     return Ok(());
                 }
-                let data = self.bytes(offset, region.len, behind)?;
+                let data = self.bytes(offset, region.len, behind, "metadata")?;
                 self.layout.on_meta(tag, offset, &data, &mut self.plan)
             }
             Use::Compressed {
@@ -674,12 +716,17 @@ impl<'r, L: Layout> Driver<'r, L> {
                 out_len,
                 codec,
             } => {
-                let data = self.bytes(offset, region.len, behind)?;
+                let unit = self.plan.unit;
+                let data = self.bytes(offset, region.len, behind, unit)?;
                 let out = output.as_mut().ok_or_else(no_header)?;
+                // A cluster clipped at the end of the file: a cut file shows
+                // up here as data that does not decompress.
+                let at_end = self.plan.source_len == Some(offset + region.len);
                 inflate(codec, &data, out_len, &mut self.inflated).map_err(|e| {
                     corrupt(format!(
-                        "the compressed {} at byte {offset} (guest offset {guest}) does not decompress: {e}",
-                        self.plan.unit
+                        "the compressed {} at byte {offset} (guest offset {guest}) does not decompress: {e}{}",
+                        self.plan.unit,
+                        if at_end { " (it reaches the end of the file: the image is truncated)" } else { "" }
                     ))
                 })?;
                 out.write_at(guest, &self.inflated)?;
@@ -708,7 +755,7 @@ impl<'r, L: Layout> Driver<'r, L> {
     }
 
     /// A small region's bytes, from the stream or from behind it.
-    fn bytes(&mut self, offset: u64, len: u64, behind: bool) -> Result<Vec<u8>> {
+    fn bytes(&mut self, offset: u64, len: u64, behind: bool, what: &str) -> Result<Vec<u8>> {
         if behind {
             let mut data = Vec::with_capacity(len as usize);
             self.read_behind(offset, len, &mut |p| {
@@ -719,7 +766,7 @@ impl<'r, L: Layout> Driver<'r, L> {
         }
         let data = self.cursor.fetch(offset, len)?;
         if (data.len() as u64) < len {
-            return Err(truncated(offset + data.len() as u64, "metadata"));
+            return Err(truncated(offset + data.len() as u64, what));
         }
         Ok(data.to_vec())
     }

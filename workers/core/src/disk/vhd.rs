@@ -137,6 +137,22 @@ impl Layout for Vhd {
             Tag::Bat => self.parse_bat(data, plan),
         }
     }
+
+    fn trailer_len(&self) -> u64 {
+        FOOTER_SIZE as u64
+    }
+
+    /// A dynamic disk ends with its footer, after the last block: without
+    /// it the file was cut, and blocks its table maps may be missing too.
+    fn finish(&mut self, trailer: &[u8]) -> Result<()> {
+        if trailer.len() < FOOTER_SIZE || !trailer.starts_with(b"conectix") {
+            return Err(corrupt(format!(
+                "the vhd ends before its footer (the last {} bytes after its blocks are not a vhd footer): the image is truncated (download it again, or check the file on the server)",
+                FOOTER_SIZE
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// What a raw copy turned out to be.

@@ -32,6 +32,14 @@ pub struct Vmdk {
     capacity: u64,
     grain: u64,
     gtes_per_gt: u64,
+    streamed: bool,
+    /// streamOptimized: how the end of the stream is proven. VMware ends
+    /// it with an end-of-stream marker; qemu writes none, but its grain
+    /// tables come first, so the last grain they map must be reached.
+    end_of_stream: bool,
+    tables_ahead: bool,
+    last_mapped_grain: Option<u64>,
+    last_grain_read: Option<u64>,
 }
 
 impl Vmdk {
@@ -77,12 +85,26 @@ impl Vmdk {
                 "vmdk descriptor",
             )?;
         }
-        let streamed = flags & FLAG_MARKERS != 0;
-        if streamed {
+        self.streamed = flags & FLAG_MARKERS != 0;
+        let grains = sectors.div_ceil(grain_sectors);
+        if self.streamed {
             if flags & FLAG_COMPRESSED == 0 || le16(h, 77) != 1 {
                 return Err(unsupported(
                     "the vmdk has grain markers but no deflate compression; only streamOptimized (deflate) is supported",
                 ));
+            }
+            // Tables ahead of the first grain (qemu's layout) are read to
+            // learn where the last grain is; tables at the end (VMware's,
+            // gd_offset = GD_AT_END) are not needed.
+            if gd_offset > 0 && gd_offset < overhead {
+                self.check_table_size()?;
+                self.tables_ahead = true;
+                plan.meta(
+                    gd_offset * SECTOR,
+                    grains.div_ceil(self.gtes_per_gt) * 4,
+                    Tag::Directory,
+                    "grain directory",
+                )?;
             }
             return plan.marker(
                 overhead.saturating_mul(SECTOR),
@@ -96,19 +118,23 @@ impl Vmdk {
                 "compressed vmdk grains without markers are not supported; use streamOptimized",
             ));
         }
+        self.check_table_size()?;
+        plan.meta(
+            gd_offset.saturating_mul(SECTOR),
+            grains.div_ceil(self.gtes_per_gt) * 4,
+            Tag::Directory,
+            "grain directory",
+        )
+    }
+
+    fn check_table_size(&self) -> Result<()> {
         if !(1..=1 << 16).contains(&self.gtes_per_gt) {
             return Err(corrupt(format!(
                 "the vmdk has {} entries per grain table",
                 self.gtes_per_gt
             )));
         }
-        let tables = sectors.div_ceil(grain_sectors).div_ceil(self.gtes_per_gt);
-        plan.meta(
-            gd_offset.saturating_mul(SECTOR),
-            tables * 4,
-            Tag::Directory,
-            "grain directory",
-        )
+        Ok(())
     }
 
     fn parse_descriptor(&self, d: &[u8]) -> Result<()> {
@@ -162,12 +188,17 @@ impl Vmdk {
         Ok(())
     }
 
-    fn parse_table(&self, guest_base: u64, d: &[u8], plan: &mut Plan<Tag>) -> Result<()> {
+    fn parse_table(&mut self, guest_base: u64, d: &[u8], plan: &mut Plan<Tag>) -> Result<()> {
         for (i, e) in d.chunks_exact(4).enumerate() {
             let sector = le32(e, 0) as u64;
             let guest = guest_base + i as u64 * self.grain;
             // 0: never written; 1: a zeroed grain.
             if sector <= 1 || guest >= self.capacity {
+                continue;
+            }
+            if self.streamed {
+                // The grain's marker: its data comes from the marker chain.
+                self.last_mapped_grain = self.last_mapped_grain.max(Some(sector * SECTOR));
                 continue;
             }
             plan.data(sector * SECTOR, self.grain, guest)?;
@@ -177,7 +208,7 @@ impl Vmdk {
 
     /// A streamOptimized marker: a grain (its guest sector and compressed
     /// size) or a metadata block to skip; schedules the next marker.
-    fn parse_marker(&self, offset: u64, m: &[u8], plan: &mut Plan<Tag>) -> Result<()> {
+    fn parse_marker(&mut self, offset: u64, m: &[u8], plan: &mut Plan<Tag>) -> Result<()> {
         let value = le64(m, 0);
         let size = le32(m, 8) as u64;
         if size > 0 {
@@ -188,10 +219,12 @@ impl Vmdk {
                 ))
             })?;
             plan.compressed(offset + 12, size, guest, self.grain, Codec::Zlib)?;
+            self.last_grain_read = self.last_grain_read.max(Some(offset));
             let next = (offset + 12 + size).div_ceil(SECTOR) * SECTOR;
             return plan.marker(next, MARKER_READ, Tag::Marker, "grain marker");
         }
         if le32(m, 12) == MARKER_EOS {
+            self.end_of_stream = true;
             return Ok(());
         }
         let skip = value
@@ -230,6 +263,25 @@ impl Layout for Vmdk {
             Tag::Directory => self.parse_directory(data, plan),
             Tag::Table { guest_base } => self.parse_table(guest_base, data, plan),
             Tag::Marker => self.parse_marker(offset, data, plan),
+        }
+    }
+
+    /// A streamOptimized image has no tables to say where its data ends:
+    /// only the end-of-stream marker proves that no grain is missing.
+    fn finish(&mut self, _trailer: &[u8]) -> Result<()> {
+        if !self.streamed || self.end_of_stream {
+            return Ok(());
+        }
+        if !self.tables_ahead {
+            return Err(corrupt(
+                "the streamOptimized vmdk ends before its end-of-stream marker: the image is truncated (download it again, or check the file on the server)",
+            ));
+        }
+        match self.last_mapped_grain {
+            Some(last) if self.last_grain_read < Some(last) => Err(corrupt(format!(
+                "the streamOptimized vmdk ends before the grain at byte {last} that its grain tables map: the image is truncated (download it again, or check the file on the server)"
+            ))),
+            _ => Ok(()),
         }
     }
 }
