@@ -437,6 +437,52 @@ fn a_killed_copy_resumes_when_run_again() {
     assert_rsync_identical(src.mount_point(), dst.mount_point(), &run);
 }
 
+#[test]
+fn a_killed_block_copy_resumes_when_run_again() {
+    require_root();
+    let dir = test_dir("block-resume");
+    let image = half_zero_image();
+    let dev = LoopDevice::new(&dir, "blk", GIB);
+    dev.fill_random();
+    let cmd = copy(&image, &dev.device);
+    let spawned = cmd.spawn();
+    // The copy records its progress in the last chunk every 256 MiB: killed
+    // once the first record is there, three quarters before the end.
+    let record = GIB - 4 * MIB;
+    let started = std::time::Instant::now();
+    let mut magic = [0u8; 8];
+    while started.elapsed() < Duration::from_secs(60) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&dev.device).unwrap();
+        if f.read_exact_at(&mut magic, record).is_ok() && &magic == b"PVCLOCAL" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    spawned.signal(libc::SIGKILL);
+    let killed = spawned.wait();
+    assert_eq!(killed.code, 128 + libc::SIGKILL, "{}", killed.dump());
+    assert_eq!(&magic, b"PVCLOCAL", "no progress record{}", killed.dump());
+    let run = copy(&image, &dev.device).arg("--verify").run();
+    run.success().stderr_contains("resuming");
+    let resumed = run.result()["resumedBytes"].as_u64().unwrap();
+    assert!(
+        (256 * MIB..GIB).contains(&resumed),
+        "resumed {resumed} bytes{}",
+        run.dump()
+    );
+    cmp_equal(&image, &dev.device, GIB);
+    // A finished copy leaves no record: a third run copies everything.
+    let again = copy(&image, &dev.device).run();
+    again.success();
+    assert_eq!(
+        again.result()["resumedBytes"].as_u64(),
+        Some(0),
+        "{}",
+        again.dump()
+    );
+}
+
 // ---- Network mode: sender and receiver in two namespaces joined by a veth pair.
 
 use populator_tests::netns::NetnsPair;

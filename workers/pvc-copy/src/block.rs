@@ -12,8 +12,6 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use crossbeam_channel::bounded;
-use populator_core::cancel::CancelToken;
-use populator_core::progress::Progress;
 
 use crate::digest::{chunk_count, chunk_hash, chunk_len, combine, is_zero, zero_hash, Hash, CHUNK};
 use crate::filecopy::data_segments;
@@ -56,7 +54,8 @@ pub struct ChunkWriter<'a> {
     pub file: &'a File,
     pub zeroing: Zeroing,
     zero_run: Option<(u64, u64)>,
-    flushed_to: u64,
+    /// Writeback was started up to here.
+    pub flushed_to: u64,
     pub data_bytes: u64,
     pub zero_bytes: u64,
     writeback: bool,
@@ -126,6 +125,14 @@ impl<'a> ChunkWriter<'a> {
         }
         self.writeback(start + data.len() as u64);
         Ok(())
+    }
+
+    /// Writes the pending zero run.
+    pub fn flush_pending(&mut self) -> io::Result<()> {
+        match self.zero_run.take() {
+            Some(run) => self.flush_zeros(run),
+            None => Ok(()),
+        }
     }
 
     pub fn finish(mut self) -> io::Result<()> {
@@ -210,6 +217,47 @@ fn write_zeros(file: &File, mut start: u64, mut len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes copied between two records of a local block copy's progress.
+const COMMIT_BYTES: u64 = 256 << 20;
+const LOCAL_MAGIC: &[u8; 8] = b"PVCLOCAL";
+const LOCAL_JOURNAL: usize = 8 + 32 + 8 + 32;
+
+/// Where a local block copy records how far it got: the start of the last
+/// chunk, which is copied last (so the record lives until the copy ends).
+/// None when the device is too small to have a separate last chunk.
+fn journal_at(size: u64) -> Option<u64> {
+    let count = chunk_count(size);
+    (count >= 2 && chunk_len(size, count - 1) >= LOCAL_JOURNAL as u64).then(|| (count - 1) * CHUNK)
+}
+
+fn encode_local_journal(session: &Hash, done: u64) -> [u8; LOCAL_JOURNAL] {
+    let mut out = [0u8; LOCAL_JOURNAL];
+    out[..8].copy_from_slice(LOCAL_MAGIC);
+    out[8..40].copy_from_slice(session);
+    out[40..48].copy_from_slice(&done.to_le_bytes());
+    let check = crate::digest::sha256(&out[..48]);
+    out[48..].copy_from_slice(&check);
+    out
+}
+
+/// The chunks an interrupted copy of the same session completed (durably).
+pub fn load_local_journal(dst: &File, size: u64, session: &Hash) -> Option<u64> {
+    let at = journal_at(size)?;
+    let mut b = [0u8; LOCAL_JOURNAL];
+    dst.read_exact_at(&mut b, at).ok()?;
+    let done = u64::from_le_bytes(b[40..48].try_into().unwrap());
+    (b == encode_local_journal(session, done) && done < chunk_count(size)).then_some(done)
+}
+
+/// Where a copy starts and how it records its progress.
+#[derive(Clone, Copy)]
+pub struct Resume {
+    /// Names this copy (source and size): a journal of another is ignored.
+    pub session: Hash,
+    /// Chunks already on the target (from the journal), not copied again.
+    pub first: u64,
+}
+
 /// What a block copy did.
 pub struct BlockOutcome {
     pub digest: Hash,
@@ -225,9 +273,10 @@ pub fn copy_device(
     size: u64,
     dst: &File,
     zeroing: Zeroing,
-    progress: &Progress,
-    cancel: &CancelToken,
+    resume: Resume,
+    ctx: &populator_core::Context,
 ) -> Result<BlockOutcome> {
+    let (progress, cancel) = (&ctx.progress, &ctx.cancel);
     let segments = if src_is_file {
         data_segments(src, size, 0).context("finding the data regions of the source")?
     } else {
@@ -240,11 +289,28 @@ pub fn copy_device(
     let (to_hasher, from_writer) = bounded::<(u64, Arc<Vec<u8>>)>(3);
     let (recycle, recycled) = bounded::<Vec<u8>>(8);
     let mut hashes: Vec<Hash> = (0..count).map(|i| zero_hash(chunk_len(size, i))).collect();
+    let first = resume.first.min(count);
+    // The resumed part's hashes: from the target, which holds it.
+    let mut buf = Vec::new();
+    for (i, hash) in hashes.iter_mut().enumerate().take(first as usize) {
+        cancel.check()?;
+        let (start, len) = (i as u64 * CHUNK, chunk_len(size, i as u64));
+        buf.resize(len as usize, 0);
+        dst.read_exact_at(&mut buf, start)
+            .with_context(|| format!("reading the target at offset {start}"))?;
+        *hash = chunk_hash(&buf);
+        progress.advance(len);
+    }
+    drop(buf);
+    let journal = journal_at(size);
+    let mut journal_written = first > 0;
+    let mut committed = first * CHUNK;
     let mut writer = ChunkWriter::new(dst, zeroing);
+    writer.flushed_to = first * CHUNK / WINDOW * WINDOW;
     let (read_result, write_result) = std::thread::scope(|s| {
         let reader = s.spawn(move || -> Result<()> {
             let mut spare: Option<Vec<u8>> = None;
-            for i in 0..count {
+            for i in first..count {
                 cancel.check()?;
                 let mut buf = spare
                     .take()
@@ -277,6 +343,10 @@ pub fn copy_device(
         let mut write = || -> Result<()> {
             for (i, chunk) in from_reader.iter() {
                 let (start, len) = (i * CHUNK, chunk_len(size, i));
+                if Some(start) == journal && journal_written && zeroing == Zeroing::Skip {
+                    // Zeros are skipped on this target: clear the record first.
+                    zero_range(dst, start, LOCAL_JOURNAL as u64)?;
+                }
                 match chunk {
                     Chunk::Zero => writer.zero(start, len)?,
                     Chunk::Data(data) => {
@@ -289,6 +359,18 @@ pub fn copy_device(
                 }
                 progress.add_read(len);
                 progress.advance(len);
+                let done = start + len;
+                if let Some(at) =
+                    journal.filter(|&at| done < at && done >= committed + COMMIT_BYTES)
+                {
+                    // Durable first, then recorded: a restart trusts the record.
+                    writer.flush_pending()?;
+                    dst.sync_data()?;
+                    dst.write_all_at(&encode_local_journal(&resume.session, i + 1), at)?;
+                    dst.sync_data()?;
+                    journal_written = true;
+                    committed = done;
+                }
             }
             Ok(())
         };

@@ -12,7 +12,7 @@ use populator_core::error::{fail, Kind};
 use populator_core::target::{block_device_size, short_bytes, sync_filesystem, Target, TargetKind};
 use populator_core::Context;
 
-use crate::block::{copy_device, Zeroing};
+use crate::block::{copy_device, load_local_journal, Resume, Zeroing};
 use crate::cli::{CopyArgs, LocalArgs};
 use crate::digest::{content_digest, tree_digest, TreeDigestOptions};
 use crate::tree::{preserve_for, target_contents, TreeCopy, LOST_FOUND, STATE_DIR};
@@ -335,7 +335,17 @@ fn copy_block(
     target.check_fits(size, &format!("source {}", src_path.display()))?;
     let src =
         File::open(src_path).with_context(|| format!("opening source {}", src_path.display()))?;
-    let (dst, zeroing) = open_block_target(target)?;
+    let session = block_session(src_path, size);
+    let (dst, zeroing, first) = open_block_target(target, size, &session)?;
+    if first > 0 {
+        populator_core::log::info(format!(
+            "resuming an interrupted copy onto {}: {} are there already",
+            target.path.display(),
+            short_bytes(first * crate::digest::CHUNK)
+        ));
+    }
+    ctx.report
+        .set("resumedBytes", (first * crate::digest::CHUNK).min(size));
     ctx.progress.set_stage("copying");
     ctx.progress.set_total(Some(size));
     let outcome = copy_device(
@@ -344,8 +354,8 @@ fn copy_block(
         size,
         &dst,
         zeroing,
-        &ctx.progress,
-        &ctx.cancel,
+        Resume { session, first },
+        ctx,
     )?;
     let digest = hex::encode(outcome.digest);
     ctx.report.set_digests(&populator_core::digest::Digests(
@@ -370,28 +380,40 @@ fn copy_block(
     ))
 }
 
-/// The target opened for writing, and how zero chunks are made there.
-pub fn open_block_target(target: &Target) -> Result<(File, Zeroing)> {
+/// Names a block copy, so a rerun resumes only the same one.
+fn block_session(src: &Path, size: u64) -> crate::digest::Hash {
+    let mut all = src.as_os_str().as_encoded_bytes().to_vec();
+    all.extend_from_slice(&size.to_le_bytes());
+    crate::digest::sha256(&all)
+}
+
+/// The target opened for writing, how zero chunks are made there, and the
+/// chunks an interrupted copy of the same source already completed.
+pub fn open_block_target(
+    target: &Target,
+    size: u64,
+    session: &crate::digest::Hash,
+) -> Result<(File, Zeroing, u64)> {
     let path = &target.path;
+    let f = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create(target.kind != TargetKind::Block)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening target {}", path.display()))?;
+    let first = load_local_journal(&f, size, session).unwrap_or(0);
     match target.kind {
-        TargetKind::Block => {
-            let f = OpenOptions::new()
-                .write(true)
-                .read(true)
-                .open(path)
-                .with_context(|| format!("opening target {}", path.display()))?;
-            Ok((f, Zeroing::Explicit))
-        }
+        TargetKind::Block => Ok((f, Zeroing::Explicit, first)),
+        // An image file of an interrupted copy: its zero chunks are holes still.
+        _ if first > 0 && f.metadata()?.len() >= size => Ok((f, Zeroing::Skip, first)),
         _ => {
-            // A fresh sparse file: zero chunks stay holes.
-            let f = OpenOptions::new()
-                .write(true)
-                .read(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
-                .with_context(|| format!("creating target {}", path.display()))?;
-            Ok((f, Zeroing::Skip))
+            // A fresh sparse file of the source's length: zero chunks stay
+            // holes, a zero tail included.
+            f.set_len(0)
+                .and_then(|()| f.set_len(size))
+                .with_context(|| format!("emptying target {}", path.display()))?;
+            Ok((f, Zeroing::Skip, 0))
         }
     }
 }
