@@ -2,8 +2,8 @@
 //! backup-restore:
 //!
 //! ```text
-//! source (network, async) ─chunks─▶ digest thread ─chunks─▶ decode+sink thread
-//!                                   md5/sha*/…              decompress → content sink → target
+//! source (network, async) ─chunks─▶ digest thread ─chunks─▶ decode thread ─buffers─▶ sink thread
+//!                                   md5/sha*/…              decompress              content sink → target
 //! ```
 //!
 //! Each arrow is a bounded channel, so memory stays small and the stages run
@@ -13,6 +13,7 @@
 //! the sink commits: nothing is reported as populated until it is verified.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -269,8 +270,10 @@ fn hash_stage(
     None
 }
 
-/// The sink thread: detect compression, decode, hand the plain bytes to the
-/// sink, then read the source to its end so every byte is digested.
+/// The sink thread: a decode thread detects the compression and decodes
+/// (as `zstd -dc | tar x` runs two processes, decoding overlaps the sink's
+/// writes); the sink takes the plain bytes, then the source is read to its
+/// end so every byte is digested.
 fn consume(
     sink: &mut dyn Sink,
     rx: mpsc::Receiver<Chunk>,
@@ -283,19 +286,127 @@ fn consume(
         _budget: None,
         ended: false,
         cancel: ctx.cancel.clone(),
+        abandoned: Arc::new(AtomicBool::new(false)),
     };
-    let compression = {
-        let (compression, mut decoded) = decompress::open(&mut reader, spec.decompress)?;
-        ctx.report.set("compression", compression.name());
-        let info = StreamInfo {
-            compression,
-            declared_size: ctx.progress.total(),
-        };
-        sink.write_stream(&mut decoded, &info)?;
-        compression
-    };
+    let abandoned = reader.abandoned.clone();
+    let (info_tx, info_rx) = mpsc::sync_channel(1);
+    let (data_tx, data_rx) = mpsc::sync_channel(DECODED_BUFFERS);
+    let sunk = std::thread::scope(|s| {
+        let reader_ref = &mut reader;
+        let decoder = std::thread::Builder::new()
+            .name("decode".into())
+            .spawn_scoped(s, move || {
+                decode_stage(reader_ref, spec.decompress, info_tx, data_tx)
+            })
+            .expect("spawning the decode thread");
+        let sunk = (|| -> Result<Compression> {
+            let compression = info_rx.recv().map_err(|_| pipeline_closed())??;
+            ctx.report.set("compression", compression.name());
+            let info = StreamInfo {
+                compression,
+                declared_size: ctx.progress.total(),
+            };
+            let mut decoded = DecodedReader {
+                rx: data_rx,
+                current: Vec::new(),
+                pos: 0,
+            };
+            sink.write_stream(&mut decoded, &info)?;
+            Ok(compression)
+        })();
+        if sunk.is_err() {
+            // A decode thread waiting for source bytes gives up.
+            abandoned.store(true, Ordering::Relaxed);
+        }
+        // The receiver is gone: the decode thread stops at its next send.
+        decoder.join().expect("the decode thread panicked");
+        sunk
+    });
+    let compression = sunk?;
     copy(&mut reader, &mut io::sink())?;
     Ok(compression)
+}
+
+/// Decoded bytes in flight between the decode thread and the sink.
+const DECODED_BUFFERS: usize = 8;
+const DECODED_BUFFER: usize = 1 << 20;
+
+/// The decode thread: the compression first, then full buffers of plain
+/// bytes; a decoding error goes to the sink in place of the data (bytes
+/// the sink never asks for cannot fail it); the end is the channel closing.
+fn decode_stage(
+    reader: &mut ChannelReader,
+    mode: decompress::DecompressMode,
+    info_tx: mpsc::SyncSender<io::Result<Compression>>,
+    data_tx: mpsc::SyncSender<io::Result<Vec<u8>>>,
+) {
+    let (compression, mut decoded) = match decompress::open(reader, mode) {
+        Ok(opened) => opened,
+        Err(e) => {
+            let _ = info_tx.send(Err(e));
+            return;
+        }
+    };
+    if info_tx.send(Ok(compression)).is_err() {
+        return;
+    }
+    loop {
+        let mut buf = vec![0u8; DECODED_BUFFER];
+        let mut filled = 0;
+        let result = loop {
+            match decoded.read(&mut buf[filled..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        if filled > 0 {
+            buf.truncate(filled);
+            if data_tx.send(Ok(buf)).is_err() {
+                return;
+            }
+        }
+        match result {
+            Err(e) => {
+                let _ = data_tx.send(Err(e));
+                return;
+            }
+            Ok(()) if filled < DECODED_BUFFER => return,
+            Ok(()) => {}
+        }
+    }
+}
+
+/// `io::Read` over the decode thread's buffers.
+struct DecodedReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for DecodedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(data) => {
+                    self.current = data?;
+                    self.pos = 0;
+                }
+                // The decode thread closes the channel at the end.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// `io::Read` over the chunks from the digest stage.
@@ -306,6 +417,8 @@ struct ChannelReader {
     _budget: Option<Budget>,
     ended: bool,
     cancel: crate::cancel::CancelToken,
+    /// Set when the sink failed: nobody wants more bytes.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Read for ChannelReader {
@@ -321,6 +434,9 @@ impl Read for ChannelReader {
                 }
                 Ok(Chunk::End) => self.ended = true,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.abandoned.load(Ordering::Relaxed) {
+                        return Err(io::Error::other("the sink stopped"));
+                    }
                     if self.cancel.is_cancelled() {
                         return Err(into_io(
                             Kind::Terminated,
