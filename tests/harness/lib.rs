@@ -13,6 +13,7 @@ pub mod nginx;
 pub mod podman;
 pub mod proxy;
 pub mod run;
+pub mod spawn;
 pub mod tcpproxy;
 pub mod tls;
 
