@@ -16,7 +16,7 @@ use populator_tests::loopdev::LoopDevice;
 use populator_tests::nginx::nginx;
 use populator_tests::proxy::{Fault, FaultProxy};
 use populator_tests::run::{worker, Run, WorkerCmd};
-use populator_tests::{require_root, scratch, sh, test_dir};
+use populator_tests::{require_root, sh, shared_dir, test_dir};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -43,9 +43,7 @@ const VHD: &[(&str, &str, &str)] = &[
 ];
 
 fn fixtures_dir() -> PathBuf {
-    let dir = scratch().join("disk-fixtures");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    shared_dir("disk-fixtures")
 }
 
 /// The known raw disk, written sparse once per test process.

@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use populator_tests::fixtures::secret_file;
 use populator_tests::git_servers::{
     blob, git, git_daemon, git_http, git_root, raw_tree, sshd, GIT_PASSWORD, GIT_TOKEN, GIT_USER,
 };
 use populator_tests::loopdev::{Fs, LoopDevice};
+use populator_tests::podman::{podman_run, require_image, ContainerRun};
 use populator_tests::run::{worker, Run, WorkerCmd};
 use populator_tests::{require_root, scratch, sh, test_dir};
 
@@ -313,12 +315,6 @@ fn git_daemon_file_and_tls_transports() {
         .arg("--insecure-skip-tls-verify")
         .run();
     run.success().stderr_contains("NOT verified");
-}
-
-fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, format!("{value}\n")).unwrap();
-    p
 }
 
 /// Nothing the worker left behind mentions `secret`.
@@ -961,42 +957,19 @@ fn usage_errors_exit_2() {
     }
 }
 
-fn image(worker: &str) -> String {
-    let repo =
-        std::env::var("POPULATOR_IMAGE_REPO").unwrap_or_else(|_| "localhost/populator".into());
-    let tag = std::env::var("POPULATOR_IMAGE_TAG").unwrap_or_else(|_| "dev".into());
-    format!("{repo}/{worker}:{tag}")
-}
-
 #[test]
 fn git_clone_image_clones_as_uid_107_under_podman() {
     require_root();
     let r = main_repo();
-    let image = image("git-clone");
-    let exists = std::process::Command::new("podman")
-        .args(["image", "exists", &image])
-        .status()
-        .unwrap();
-    assert!(
-        exists.success(),
-        "image {image} is missing: build it with `make images` (make test does)"
-    );
+    let image = require_image("git-clone");
     let dir = test_dir("image");
     let (vol, out) = (dir.join("vol"), dir.join("out"));
     for d in [&vol, &out] {
         std::fs::create_dir_all(d).unwrap();
         sh(&format!("chown 107:107 {}", d.display()));
     }
-    let output = std::process::Command::new("podman")
-        .args([
-            "run",
-            "--rm",
-            "--runtime",
-            "runc",
-            "--ulimit",
-            "nofile=1024:20000",
-            "--ulimit",
-            "nproc=1024:1024",
+    let run = ContainerRun::run(
+        podman_run().args([
             "--network",
             "host",
             "--read-only",
@@ -1011,17 +984,11 @@ fn git_clone_image_clones_as_uid_107_under_podman() {
             "v1.0",
             "--termination-log",
             "/out/result.json",
-        ])
-        .output()
-        .expect("running podman (install it: scripts/install-test-deps.sh)");
-    let result = std::fs::read_to_string(out.join("result.json")).unwrap_or_default();
-    let dump = format!(
-        "\nstatus: {}\nstderr:\n{}\nresult:\n{result}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+        ]),
+        &out.join("result.json"),
     );
-    assert!(output.status.success(), "the container failed{dump}");
-    let v: serde_json::Value = serde_json::from_str(&result).expect("a JSON result");
+    let v = run.success();
+    let dump = run.dump();
     assert_eq!(v["commit"], r.c3.as_str(), "{dump}");
     assert_eq!(v["target"]["path"], "/mnt", "{dump}");
     let want = snapshot(&archive_of(&bare("main.git"), &r.c3), &[]);

@@ -2,26 +2,19 @@
 //! loop devices with ext4, as root.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use populator_tests::fixtures::{mostly_zero_file, random_file, sha256_file, sha256_prefix};
+use populator_tests::fixtures::{
+    mostly_zero_file, random_fixture, secret_file, sha256_file, sha256_prefix,
+};
 use populator_tests::loopdev::{Fs, LoopDevice};
 use populator_tests::nginx::{self, nginx};
 use populator_tests::proxy::{Fault, FaultProxy};
-use populator_tests::run::{worker, Run};
-use populator_tests::{require_root, scratch, sh, test_dir};
+use populator_tests::run::{assert_empty_dir, worker};
+use populator_tests::{require_root, scratch, sh, shared_dir, test_dir};
 
 const MIB: u64 = 1 << 20;
-
-/// A shared fixture of random bytes, made once per test process.
-fn random_fixture(name: &str, size: u64, seed: u64) -> PathBuf {
-    let dir = scratch().join("fixtures");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    random_file(&path, size, seed);
-    path
-}
 
 fn import(url: &str, target: &Path) -> populator_tests::run::WorkerCmd {
     worker("http-import")
@@ -34,19 +27,6 @@ fn import(url: &str, target: &Path) -> populator_tests::run::WorkerCmd {
 
 fn disk_usage(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
-}
-
-fn assert_empty_dir(dir: &Path, run: &Run) {
-    let left: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "lost+found")
-        .collect();
-    assert!(
-        left.is_empty(),
-        "the target should be empty, holds {left:?}{}",
-        run.dump()
-    );
 }
 
 #[test]
@@ -216,8 +196,7 @@ fn archives_extract_with_modes_symlinks_hardlinks_and_mtimes() {
 fn a_gigabyte_that_is_90_percent_zeros_lands_sparse_and_reads_back_on_a_device() {
     require_root();
     let dir = test_dir("sparse-1g");
-    let data = scratch().join("fixtures/mostly-zero-1g.bin");
-    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+    let data = shared_dir("fixtures").join("mostly-zero-1g.bin");
     mostly_zero_file(&data, 1024 * MIB, 10, 3);
     let expected = sha256_file(&data);
     let url = nginx().serve("mostly-zero-1g.bin", &data);
@@ -449,12 +428,6 @@ fn sigterm_mid_transfer_exits_143_and_the_same_command_then_succeeds() {
     let run = cmd.run();
     run.success();
     assert_eq!(sha256_file(&out.join("random-48m.bin")), sha256_file(&data));
-}
-
-fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, format!("{value}\n")).unwrap();
-    p
 }
 
 #[test]

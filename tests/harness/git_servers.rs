@@ -5,13 +5,13 @@
 //! serve the bare repositories under one directory and die with the test
 //! process.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::nginx::free_port;
+use crate::spawn::{spawn_for_life, wait_listening};
 use crate::tls::{make_ca, TestCa};
 use crate::{scratch, sh};
 
@@ -30,36 +30,11 @@ pub fn git_root() -> &'static PathBuf {
     })
 }
 
-/// Starts `cmd` from a thread that lives as long as the test process, with
-/// PDEATHSIG so the server dies with it; returns once `port` accepts.
-fn spawn_server(mut cmd: Command, addr: &str, port: u16, what: &str, log: &Path) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let what_owned = what.to_string();
-    let log = log.to_path_buf();
-    std::thread::spawn(move || {
-        let log_file = std::fs::File::create(&log).unwrap();
-        cmd.stdout(log_file.try_clone().unwrap()).stderr(log_file);
-        // SAFETY: prctl in the child before exec, async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {what_owned}: {e}"));
-        tx.send(()).unwrap();
-        let _ = child.wait();
-    });
-    rx.recv().unwrap();
-    for _ in 0..200 {
-        if std::net::TcpStream::connect((addr, port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!(
+/// Starts `cmd` for the rest of the test process; returns once `port` accepts.
+fn spawn_server(cmd: Command, addr: &str, port: u16, what: &str, log: &Path) {
+    spawn_for_life(cmd, what, Some(log.to_path_buf()));
+    assert!(
+        wait_listening(addr, &[port], Duration::from_secs(5)),
         "{what} did not start on port {port}; its log:\n{}",
         std::fs::read_to_string(log_path(what)).unwrap_or_default()
     );
@@ -123,23 +98,7 @@ fn start_git_http() -> GitHttp {
         .arg(format!("unix:{}", socket.display()));
     // fcgiwrap listens on a socket, not a port: wait for the socket file.
     {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log = log_path("fcgiwrap");
-        std::thread::spawn(move || {
-            let f = std::fs::File::create(&log).unwrap();
-            fcgi.stdout(f.try_clone().unwrap()).stderr(f);
-            // SAFETY: prctl before exec.
-            unsafe {
-                fcgi.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            let mut child = fcgi.spawn().expect("starting fcgiwrap");
-            tx.send(()).unwrap();
-            let _ = child.wait();
-        });
-        rx.recv().unwrap();
+        spawn_for_life(fcgi, "fcgiwrap", Some(log_path("fcgiwrap")));
         for _ in 0..200 {
             if socket.exists() {
                 break;

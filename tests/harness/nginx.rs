@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use crate::tls::{make_ca, TestCa};
 
@@ -130,41 +131,21 @@ http {{
         .unwrap()
         .write_all(conf.as_bytes())
         .unwrap();
-    // nginx must die with the test process: spawn it from a thread that lives
-    // as long as the process, with PDEATHSIG set.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let conf_path = dir.join("nginx.conf");
-    std::thread::spawn(move || {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = std::process::Command::new("nginx");
-        cmd.arg("-c").arg(&conf_path).arg("-g").arg("daemon off;");
-        // SAFETY: prctl in the child before exec, async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .expect("starting nginx (install it: scripts/install-test-deps.sh)");
-        tx.send(child.id()).unwrap();
-        // Waiting keeps this thread (and so nginx) alive for the whole run.
-        let _ = child.wait();
-    });
-    rx.recv().unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            && std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
-        {
-            return Nginx {
-                port,
-                tls_port,
-                www,
-                ca,
-            };
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut cmd = std::process::Command::new("nginx");
+    cmd.arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-g")
+        .arg("daemon off;");
+    crate::spawn::spawn_for_life(cmd, "nginx", None);
+    assert!(
+        crate::spawn::wait_listening("127.0.0.1", &[port, tls_port], Duration::from_secs(5)),
+        "nginx did not start; see {}/error.log",
+        dir.display()
+    );
+    Nginx {
+        port,
+        tls_port,
+        www,
+        ca,
     }
-    panic!("nginx did not start; see {}/error.log", dir.display());
 }

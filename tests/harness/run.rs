@@ -264,3 +264,17 @@ impl Run {
         self
     }
 }
+
+/// `dir` holds nothing but `lost+found`: what a failed run must leave.
+pub fn assert_empty_dir(dir: &Path, run: &Run) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lost+found")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the target should be empty, holds {left:?}{}",
+        run.dump()
+    );
+}
