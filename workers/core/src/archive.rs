@@ -9,13 +9,14 @@
 //! files are created here, because its own unpacking follows symlinks in
 //! ways this contract does not allow.
 
+use std::collections::HashSet;
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context as _, Result};
 
@@ -78,8 +79,10 @@ fn hostile(message: String) -> anyhow::Error {
 }
 
 pub fn is_root() -> bool {
+    // Asked per entry: remember the answer (a worker never changes its uid).
+    static ROOT: OnceLock<bool> = OnceLock::new();
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    *ROOT.get_or_init(|| unsafe { libc::geteuid() == 0 })
 }
 
 /// Extracts a tar stream into `root` (which must exist).
@@ -98,6 +101,8 @@ pub fn extract(
         progress,
         summary: &mut summary,
         warned_devices: false,
+        known_dirs: HashSet::new(),
+        copy_buffer: Vec::new(),
     };
     for entry in archive.entries().map_err(corrupt)? {
         cancel.check()?;
@@ -127,6 +132,13 @@ struct Extractor<'a> {
     progress: &'a Arc<Progress>,
     summary: &'a mut ExtractSummary,
     warned_devices: bool,
+    /// Directories below the root already checked or made by this run. Safe
+    /// to trust: extraction never removes or replaces a directory, so a
+    /// directory checked once stays one (this saves an lstat per parent per
+    /// entry on trees of many small files).
+    known_dirs: HashSet<PathBuf>,
+    /// One copy buffer for every file, not a fresh zeroed megabyte each.
+    copy_buffer: Vec<u8>,
 }
 
 impl Extractor<'_> {
@@ -174,12 +186,12 @@ impl Extractor<'_> {
                 }
                 // Xattrs now; modes, owners and times once the tree is complete.
                 apply_xattrs(entry, &dst);
+                self.known_dirs.insert(rel.clone());
                 self.summary.directories.push(DirMeta { path: rel, meta });
                 return Ok(());
             }
             T::Regular | T::Continuous | T::GNUSparse => {
-                self.clear(&dst, &rel)?;
-                self.write_file(entry, &dst, sparse.as_ref())?;
+                self.write_file(entry, &dst, &rel, sparse.as_ref())?;
                 self.summary.files += 1;
                 self.progress.add_file_done();
             }
@@ -266,11 +278,19 @@ impl Extractor<'_> {
 
     /// Creates missing parent directories; an existing parent must be a real
     /// directory, never a symlink.
-    fn make_parents(&self, rel: &Path) -> Result<()> {
+    fn make_parents(&mut self, rel: &Path) -> Result<()> {
+        if rel.parent().is_none_or(|p| self.known_dirs.contains(p)) {
+            return Ok(());
+        }
         let mut at = self.root.to_path_buf();
+        let mut at_rel = PathBuf::new();
         let parts: Vec<_> = rel.components().collect();
         for part in &parts[..parts.len().saturating_sub(1)] {
             at.push(part);
+            at_rel.push(part);
+            if self.known_dirs.contains(&at_rel) {
+                continue;
+            }
             match fs::symlink_metadata(&at) {
                 Ok(m) if m.is_dir() => {}
                 Ok(m) if m.file_type().is_symlink() => {
@@ -290,6 +310,7 @@ impl Extractor<'_> {
                 Err(_) => fs::create_dir(&at)
                     .with_context(|| format!("creating directory {}", at.display()))?,
             }
+            self.known_dirs.insert(at_rel.clone());
         }
         Ok(())
     }
@@ -322,19 +343,36 @@ impl Extractor<'_> {
         }
     }
 
+    /// Creates `dst` exclusively (never through a symlink); only when
+    /// something already stands there is it looked at and cleared, so the
+    /// common case costs one open and no lstat.
+    fn create_file(&self, dst: &Path, rel: &Path) -> Result<File> {
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(dst)
+        };
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.clear(dst, rel)?;
+                open()
+            }
+            other => other,
+        };
+        file.with_context(|| format!("creating {}", dst.display()))
+    }
+
     fn write_file(
         &mut self,
         entry: &mut tar::Entry<'_, &mut dyn Read>,
         dst: &Path,
+        rel: &Path,
         sparse: Option<&SparseV1>,
     ) -> Result<()> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(dst)
-            .with_context(|| format!("creating {}", dst.display()))?;
+        let file = self.create_file(dst, rel)?;
         let remaining = self
             .options
             .capacity
@@ -346,8 +384,11 @@ impl Extractor<'_> {
             format!("the rest of target {}", self.root.display()),
         )
         .with_progress(self.progress.clone());
+        if self.copy_buffer.is_empty() {
+            self.copy_buffer = vec![0u8; crate::pipeline::COPY_BUFFER];
+        }
         let copied = match sparse {
-            None => crate::pipeline::copy(entry, &mut writer),
+            None => crate::pipeline::copy_with_buffer(entry, &mut writer, &mut self.copy_buffer),
             Some(s) => copy_sparse_v1(entry, &mut writer, s.real_size),
         }
         .map_err(|e| {

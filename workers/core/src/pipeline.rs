@@ -42,7 +42,7 @@ const MAX_CHUNK: usize = 1 << 20;
 const MAX_RESTARTS: u32 = 3;
 /// The sink's copy buffer: the writer's chunk size, so full buffers go
 /// from here to the target without another copy.
-const COPY_BUFFER: usize = crate::writer::CHUNK;
+pub const COPY_BUFFER: usize = crate::writer::CHUNK;
 
 /// A share of the in-flight budget, returned when the sink has consumed the
 /// chunk that holds it.
@@ -465,7 +465,17 @@ impl Read for ChannelReader {
 /// buffer is filled before it is written: sources deliver pieces of a few
 /// hundred KiB, and whole buffers pass through the writer without a copy.
 pub fn copy(reader: &mut dyn Read, writer: &mut dyn Write) -> io::Result<u64> {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    copy_with_buffer(reader, writer, &mut vec![0u8; COPY_BUFFER])
+}
+
+/// [`copy`] through the caller's buffer: for callers that copy many small
+/// streams (archive entries), where a fresh zeroed buffer each would cost
+/// more than the data.
+pub fn copy_with_buffer(
+    reader: &mut dyn Read,
+    writer: &mut dyn Write,
+    buf: &mut [u8],
+) -> io::Result<u64> {
     let mut total = 0;
     loop {
         let mut filled = 0;
