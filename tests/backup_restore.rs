@@ -768,16 +768,7 @@ fn a_relative_backup_path_lands_at_the_target_root() {
 
 /// The progress percentage in a scrape of the metrics endpoint.
 fn scraped_progress(port: u16, owner: &str) -> Option<f64> {
-    let out = std::process::Command::new("curl")
-        .args([
-            "-ksf",
-            "--max-time",
-            "2",
-            &format!("https://127.0.0.1:{port}/metrics"),
-        ])
-        .output()
-        .unwrap();
-    let body = String::from_utf8_lossy(&out.stdout);
+    let body = populator_tests::run::scrape_metrics(port);
     let prefix = format!("populator_progress{{ownerUID=\"{owner}\"}} ");
     body.lines()
         .find_map(|l| l.strip_prefix(&prefix))

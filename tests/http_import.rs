@@ -371,16 +371,7 @@ fn metrics_show_rising_progress_under_cdi_s_name_with_the_owner_label() {
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut body = String::new();
     while Instant::now() < deadline {
-        let out = std::process::Command::new("curl")
-            .args([
-                "-ksf",
-                "--max-time",
-                "2",
-                &format!("https://127.0.0.1:{port}/metrics"),
-            ])
-            .output()
-            .unwrap();
-        body = String::from_utf8_lossy(&out.stdout).into_owned();
+        body = populator_tests::run::scrape_metrics(port);
         if let Some(p) = cdi_progress(&body, "0f1e2d3c-pvc") {
             seen.push(p);
             if p >= 100.0 {

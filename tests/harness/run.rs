@@ -278,3 +278,19 @@ pub fn assert_empty_dir(dir: &Path, run: &Run) {
         run.dump()
     );
 }
+
+/// One scrape of a worker's metrics endpoint on 127.0.0.1 (HTTPS, its
+/// self-signed certificate accepted): the body, or "" when it does not
+/// answer within 2 s.
+pub fn scrape_metrics(port: u16) -> String {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-ksf",
+            "--max-time",
+            "2",
+            &format!("https://127.0.0.1:{port}/metrics"),
+        ])
+        .output()
+        .expect("running curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
