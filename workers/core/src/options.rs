@@ -178,6 +178,43 @@ pub struct ContentArgs {
     pub filesystem_overhead: f64,
 }
 
+/// The certificate of the workers that listen for a peer (pvc-copy receive,
+/// upload-receiver): a PEM pair, or a self-signed one whose fingerprint the
+/// worker logs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerTlsArgs {
+    /// PEM certificate (chain) to serve; default: a self-signed one, its
+    /// fingerprint logged.
+    #[arg(
+        long,
+        env = "POPULATOR_TLS_CERT_FILE",
+        value_name = "PATH",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert-file.
+    #[arg(
+        long,
+        env = "POPULATOR_TLS_KEY_FILE",
+        value_name = "PATH",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    /// The identity to serve: the given pair, or a fresh self-signed
+    /// certificate for `names`.
+    pub fn identity(&self, names: &[&str]) -> anyhow::Result<crate::tls::Identity> {
+        crate::tls::Identity::load_or_generate(
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+            names,
+        )
+    }
+}
+
 /// Network flags of the workers that reach a server over HTTP(S)
 /// (http-import, git-clone): TLS trust, proxy, retries and timeouts. They
 /// carry no heading of their own: they join the heading of the struct that

@@ -162,23 +162,8 @@ pub struct ReceiveArgs {
     #[arg(long, env = "POPULATOR_LISTEN", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
 
-    /// PEM certificate (default: a self-signed one, its fingerprint logged).
-    #[arg(
-        long,
-        env = "POPULATOR_TLS_CERT_FILE",
-        value_name = "PATH",
-        requires = "tls_key_file"
-    )]
-    pub tls_cert_file: Option<PathBuf>,
-
-    /// PEM private key of --tls-cert-file.
-    #[arg(
-        long,
-        env = "POPULATOR_TLS_KEY_FILE",
-        value_name = "PATH",
-        requires = "tls_cert_file"
-    )]
-    pub tls_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: populator_core::options::ServerTlsArgs,
 
     /// Seconds between making the progress durable (flush, then journal):
     /// what a restarted receiver can skip.

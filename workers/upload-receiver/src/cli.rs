@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
 use populator_core::error::{fail, Kind};
-use populator_core::options::{CommonArgs, ContentArgs};
+use populator_core::options::{CommonArgs, ContentArgs, ServerTlsArgs};
 use populator_core::secrets::{secret_from, Secret};
 
 /// Receive one upload over HTTPS into a volume: CDI's upload API (what
@@ -44,24 +44,8 @@ pub struct ServerArgs {
     )]
     pub listen: SocketAddr,
 
-    /// PEM certificate (chain) to serve; default: a self-signed one, its
-    /// fingerprint logged.
-    #[arg(
-        long,
-        env = "POPULATOR_TLS_CERT_FILE",
-        value_name = "PATH",
-        requires = "tls_key_file"
-    )]
-    pub tls_cert_file: Option<PathBuf>,
-
-    /// PEM private key of --tls-cert-file.
-    #[arg(
-        long,
-        env = "POPULATOR_TLS_KEY_FILE",
-        value_name = "PATH",
-        requires = "tls_cert_file"
-    )]
-    pub tls_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
 
     /// File holding the bearer token clients must send (or the value itself
     /// in POPULATOR_UPLOAD_TOKEN).
@@ -129,8 +113,7 @@ pub struct ServerArgs {
 /// Validated server settings, secrets read.
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
+    pub tls: ServerTlsArgs,
     pub token: Option<Secret>,
     pub client_ca_file: Option<PathBuf>,
     pub client_name: Option<String>,
@@ -155,8 +138,7 @@ impl ServerArgs {
         }
         Ok(ServerConfig {
             listen: self.listen,
-            tls_cert_file: self.tls_cert_file.clone(),
-            tls_key_file: self.tls_key_file.clone(),
+            tls: self.tls.clone(),
             token,
             client_ca_file: self.client_ca_file.clone(),
             client_name: self.client_name.clone(),

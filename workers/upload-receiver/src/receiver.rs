@@ -9,7 +9,6 @@ use anyhow::Result;
 use populator_core::content::ContentMode;
 use populator_core::error::{fail, Kind};
 use populator_core::target::{Target, TargetKind};
-use populator_core::tls::Identity;
 use populator_core::Context;
 
 use crate::auth::{self, Auth};
@@ -47,11 +46,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<String> {
         return Err(passed);
     }
 
-    let identity = Identity::load_or_generate(
-        config.tls_cert_file.as_deref(),
-        config.tls_key_file.as_deref(),
-        &["localhost", "upload-receiver"],
-    )?;
+    let identity = config.tls.identity(&["localhost", "upload-receiver"])?;
     let fingerprint = identity.fingerprint();
     let tls = auth::server_config(
         identity,

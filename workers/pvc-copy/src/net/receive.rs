@@ -19,7 +19,6 @@ use crossbeam_channel::{unbounded, Sender as Tx};
 use populator_core::error::{classify, fail, Kind};
 use populator_core::secrets::secret_from;
 use populator_core::target::{short_bytes, sync_filesystem, Target, TargetKind};
-use populator_core::tls::Identity;
 use populator_core::Context;
 use serde_json::{json, Value};
 
@@ -153,11 +152,7 @@ pub fn run(args: ReceiveArgs, ctx: &Context) -> Result<String> {
         })?;
     let target = Target::detect(args.common.target_path().as_deref(), args.common.pvc_size)?;
     ctx.report.set_target(&target);
-    let identity = Identity::load_or_generate(
-        args.tls_cert_file.as_deref(),
-        args.tls_key_file.as_deref(),
-        &["pvc-copy-receiver", "localhost"],
-    )?;
+    let identity = args.tls.identity(&["pvc-copy-receiver", "localhost"])?;
     populator_core::log::info(format!(
         "TLS certificate SHA-256 fingerprint {} (give it to the sender as --server-fingerprint)",
         identity.fingerprint()
