@@ -6,8 +6,8 @@
 #     backup-restore --repository vs `restic restore latest` (reference);
 #   - a tar.zst of the tree: backup-restore --archive vs
 #     `zstd -dc | tar -x` (reference).
-# Each case runs BENCH_RUNS times, interleaved, with the page cache dropped
-# before every run (as root) and the output removed after it. Prints a
+# Each case runs BENCH_RUNS times, interleaved, into a fresh ext4 volume (a
+# direct-I/O loop device, as root) with the page cache dropped. Prints a
 # markdown table of median wall time, ratio against the reference and median
 # peak RSS (GNU time), and writes it to bench-out/backup-restore.md.
 #
@@ -41,7 +41,14 @@ is_root=false
 $is_root || echo "warning: not root: the page cache is not dropped between runs" >&2
 
 work=$(mktemp -d -p "${BENCH_TMPDIR:-/var/tmp}" populator-bench-br.XXXXXX)
-cleanup() { rm -rf "$work"; }
+loopdev=
+cleanup() {
+  if [ -n "$loopdev" ]; then
+    umount "$work/vol" 2>/dev/null || true
+    losetup -d "$loopdev" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -86,7 +93,28 @@ printf '%s' "$RESTIC_PASSWORD" > "$work/password"
 first_rel=$(sed -n 1p "$work/files.txt")
 sum_first=$(sha256sum < "$tree/$first_rel" | cut -d' ' -f1)
 
-out=$work/out
+# Every run restores into a fresh volume, as a populator does: a new ext4 on
+# a direct-I/O loop device (as root; otherwise a directory of the work
+# filesystem). Restoring into the work filesystem, whose earlier outputs had
+# just been removed, measured that filesystem's state more than the tools
+# (see scripts/lib/bench.sh, bench_volume).
+mkdir -p "$work/vol"
+if $is_root; then
+  truncate -s $(( (tree_bytes >> 20) * 2 + 1024 ))M "$work/vol.img"
+  loopdev=$(losetup -f --show --direct-io=on "$work/vol.img")
+fi
+target_desc="a directory of the work filesystem"
+[ -n "$loopdev" ] && target_desc="a fresh ext4 on a direct-I/O loop device each run"
+fresh_volume() {
+  if [ -n "$loopdev" ]; then
+    umount "$work/vol" 2>/dev/null || true
+    mkfs.ext4 -q -F "$loopdev"
+    mount "$loopdev" "$work/vol"
+  else
+    rm -rf "$work/vol" && mkdir "$work/vol"
+  fi
+}
+out=$work/vol/out
 declare -A label cmd group
 order=()
 add() { group[$1]=$2; label[$1]=$3; cmd[$1]=$4; order+=("$1"); }
@@ -117,7 +145,8 @@ results=$work/results.tsv
 : > "$results"
 for ((run = 1; run <= runs; run++)); do
   for id in "${order[@]}"; do
-    rm -rf "$out" "$work/result.json"
+    rm -f "$work/result.json"
+    fresh_volume
     mkdir "$out"
     sync
     if $is_root; then echo 3 > /proc/sys/vm/drop_caches; fi
@@ -136,7 +165,6 @@ for ((run = 1; run <= runs; run++)); do
     log "run $run $id: $wall s, $((rss_kib / 1024)) MiB peak RSS, $cpu s CPU, $status"
   done
 done
-rm -rf "$out"
 
 report=$root/bench-out/backup-restore.md
 mkdir -p "$(dirname "$report")"
@@ -144,7 +172,7 @@ mkdir -p "$(dirname "$report")"
   echo "# backup-restore benchmark"
   echo
   echo "- $(date -u +%Y-%m-%dT%H:%MZ), $("$bin" --version) (source $revision), $(restic version | cut -d' ' -f1-2), $(zstd --version | head -n1)"
-  echo "- machine: $(nproc) CPUs, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM; disk: $(df -h --output=source,fstype "$work" | tail -n 1 | tr -s ' ')"
+  echo "- machine: $(nproc) CPUs, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM; disk: $(df -h --output=source,fstype "$work" | tail -n 1 | tr -s ' '); target: $target_desc"
   echo "- tree: $tree_files files, $((tree_bytes / 1024 / 1024)) MiB; $runs runs per case, interleaved, page cache dropped: $is_root; medians"
   echo "- load average before: $load_start; after: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo

@@ -3,8 +3,8 @@
 # repository (BENCH_FILES files, BENCH_COMMITS commits; cached under
 # /var/tmp keyed by those numbers) and any local repository named by
 # BENCH_GIT_REPO, served by git-http-backend behind a loopback nginx
-# (fcgiwrap). Each case runs BENCH_RUNS times, interleaved, with the page
-# cache dropped before every run and the output removed after it. Prints a
+# (fcgiwrap). Each case runs BENCH_RUNS times, interleaved, into a fresh
+# ext4 volume (a direct-I/O loop device) with the page cache dropped. Prints a
 # markdown table of median wall time, ratio against the reference and median
 # peak RSS, and writes it to bench-out/git-clone.md.
 #
@@ -18,7 +18,7 @@
 #   BENCH_COMMITS=1000    commits of its history
 #   BENCH_RUNS=3          runs per case
 #   BENCH_GIT_REPO=PATH   also a local repository (cloned bare once)
-#   BENCH_TMPDIR=/var/tmp where the outputs live (not tmpfs)
+#   BENCH_TMPDIR=/var/tmp where the work directory and the volume image live
 set -euo pipefail
 # shellcheck source=scripts/lib/bench.sh
 source "$(dirname "$0")/lib/bench.sh"
@@ -114,7 +114,8 @@ git ls-remote "$base/generated.git" >/dev/null || { cat "$work/nginx/logs/"* >&2
 log "git-http-backend on $base"
 
 # --- cases --------------------------------------------------------------------
-out=$work/out
+bench_volume 4096
+out=$vol/out
 declare -A label cmd group tip
 order=()
 add() { group[$1]=$2; label[$1]=$3; cmd[$1]=$4; order+=("$1"); }
@@ -150,7 +151,8 @@ n=0
 for ((run = 1; run <= runs; run++)); do
   for id in "${order[@]}"; do
     n=$((n + 1))
-    rm -rf "$out" "$work/result.json"
+    rm -f "$work/result.json"
+    bench_fresh_volume
     mkdir "$out"
     bench_drop_caches
     read -r -a argv <<< "${cmd[$id]}"
@@ -170,8 +172,6 @@ for ((run = 1; run <= runs; run++)); do
     fi
   done
 done
-rm -rf "$out"
-
 # --- table ----------------------------------------------------------------------
 table=$work/table.md
 {

@@ -766,6 +766,41 @@ fn a_relative_backup_path_lands_at_the_target_root() {
     assert_same_tree(&f.vol.join("d008"), &target, &run);
 }
 
+/// `restic backup .` run inside the volume (how VolSync's restic mover
+/// backs up its mount point) records the absolute directory as the
+/// snapshot's path but puts the entries at the tree's root.
+#[test]
+fn a_backup_of_dot_inside_the_volume_lands_at_the_target_root() {
+    let f = fixture();
+    let dir = test_dir("dot");
+    let repo = dir.join("repo");
+    let repo = repo.to_str().unwrap();
+    restic(repo, &f.password_file, "init");
+    let source = f.vol.join("d008");
+    sh(&format!(
+        "cd {} && {}",
+        source.display(),
+        restic_cmd(repo, &f.password_file, "backup .")
+    ));
+    let listed = restic(repo, &f.password_file, "ls --json latest");
+    assert!(
+        listed.contains(&format!("\"paths\":[\"{}\"]", source.display())),
+        "restic should record the absolute path of '.':\n{listed}"
+    );
+    let target = dir.join("target");
+    std::fs::create_dir(&target).unwrap();
+    let run = restore(repo, &target).run();
+    run.success();
+    // restic stores no node for '.' itself, so the volume root keeps its
+    // own times; every entry below it is compared.
+    sh(&format!(
+        "touch -r {} {}",
+        source.display(),
+        target.display()
+    ));
+    assert_same_tree(&source, &target, &run);
+}
+
 /// The progress percentage in a scrape of the metrics endpoint.
 fn scraped_progress(port: u16, owner: &str) -> Option<f64> {
     let body = populator_tests::run::scrape_metrics(port);

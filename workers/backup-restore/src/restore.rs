@@ -145,6 +145,9 @@ impl Restorer<'_> {
             }
         }
         progress.set_stage("creating");
+        // The disk works while contents are written; the flush below only
+        // has the tail left (see populator_core::writeback).
+        let writeback = populator_core::writeback::EarlyWriteback::start(&self.root)?;
         self.create_nodes(&entries, &mut restored)?;
         self.ctx.report.set("files", files.len() as u64);
         progress.set_total(Some(restored.file_bytes.max(1)));
@@ -152,7 +155,7 @@ impl Restorer<'_> {
         progress.set_stage("restoring");
         self.write_contents(&files, &zero_blobs)?;
         progress.set_stage("flushing");
-        populator_core::target::sync_filesystem(&self.root)?;
+        writeback.finish()?;
         progress.set_stage("metadata");
         for entry in entries.iter().rev() {
             self.ctx.cancel.check()?;

@@ -37,7 +37,6 @@ fn restore_snapshot(args: &Args, source: &ResticSource, ctx: &Context) -> Result
             ),
         ));
     }
-    bound_allocator_memory();
     let name = source.location.display();
     ctx.report.set("repository", name.clone());
     ctx.progress.set_stage("opening");
@@ -128,18 +127,6 @@ fn restore_snapshot(args: &Args, source: &ResticSource, ctx: &Context) -> Result
     ))
 }
 
-/// Blobs are up to 8 MiB and pass between threads; glibc's default (an arena
-/// per thread, a mmap threshold that grows after large frees) kept about
-/// 250 MB resident on a 1 GiB restore with 8 threads. Large buffers from
-/// mmap and fewer arenas halve that at a small cost in page faults.
-fn bound_allocator_memory() {
-    // SAFETY: mallopt only tunes the allocator; it takes plain integers.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_ARENA_MAX, 4);
-    }
-}
-
 /// `/a/b/c`, then `b/c`, then `c`.
 fn tails(path: &Path) -> Vec<PathBuf> {
     let parts: Vec<Component> = path
@@ -150,6 +137,9 @@ fn tails(path: &Path) -> Vec<PathBuf> {
     for start in 1..parts.len() {
         out.push(parts[start..].iter().collect());
     }
+    // `restic backup .` (how VolSync's mover backs up its mount point)
+    // records the absolute directory but puts its entries at the root.
+    out.push(PathBuf::from("/"));
     out
 }
 

@@ -229,6 +229,8 @@ struct ArchiveSink {
     summary: Option<archive::ExtractSummary>,
     ctx_progress: std::sync::Arc<crate::progress::Progress>,
     cancel: crate::cancel::CancelToken,
+    /// Flushes the target's filesystem while entries are written.
+    writeback: Option<crate::writeback::EarlyWriteback>,
 }
 
 impl ArchiveSink {
@@ -250,6 +252,7 @@ impl ArchiveSink {
             summary: None,
             ctx_progress: ctx.progress.clone(),
             cancel: ctx.cancel.clone(),
+            writeback: None,
         })
     }
 }
@@ -265,6 +268,7 @@ fn remove_tree(path: &Path) -> Result<()> {
 
 impl Sink for ArchiveSink {
     fn write_stream(&mut self, reader: &mut dyn Read, _info: &StreamInfo) -> Result<()> {
+        self.writeback = Some(crate::writeback::EarlyWriteback::start(&self.staging)?);
         self.summary = Some(archive::extract(
             reader,
             &self.staging,
@@ -279,7 +283,10 @@ impl Sink for ArchiveSink {
         let summary = self.summary.as_ref().expect("commit after write_stream");
         archive::move_into_place(&self.staging, &self.root)?;
         archive::apply_dir_metadata(&self.root, &summary.directories, &self.options)?;
-        crate::target::sync_filesystem(&self.root)
+        match self.writeback.take() {
+            Some(writeback) => writeback.finish(),
+            None => crate::target::sync_filesystem(&self.root),
+        }
     }
 
     fn abort(&mut self) {

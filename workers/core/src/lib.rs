@@ -30,6 +30,7 @@ pub mod secrets;
 pub mod target;
 pub mod tls;
 pub mod worker;
+pub mod writeback;
 pub mod writer;
 
 pub use error::{fail, Kind};

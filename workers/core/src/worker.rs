@@ -89,6 +89,7 @@ pub struct Worker<A> {
 
 impl<A: clap::Parser> Worker<A> {
     pub fn main(self) -> ExitCode {
+        tune_allocator();
         let args = match A::try_parse() {
             Ok(a) => a,
             Err(e) => return self.usage_error(e),
@@ -285,4 +286,24 @@ fn start_metrics(common: &CommonArgs, ctx: &Context) -> Result<Option<MetricsSer
         linger: Duration::from_secs_f64(common.metrics_linger.max(0.0)),
     };
     MetricsServer::start(options, ctx.progress.clone()).map(Some)
+}
+
+/// One allocator setting for every worker. Workers pass buffers of up to a
+/// few MiB between threads (body frames, decoded chunks, pack ranges of up
+/// to 4 MiB, blobs of up to 8 MiB). With glibc's defaults those above the
+/// mmap threshold were mapped and unmapped each time, and freed heap memory
+/// went back to the kernel: every reuse came back as fresh zeroed pages
+/// (about 40,000 page faults per GiB received in upload-receiver; a tenth of
+/// backup-restore's CPU in page faults and page clearing). Buffers up to
+/// 16 MiB now come from the heap and up to 64 MiB of freed memory stays
+/// there; four arenas instead of one per thread keep what is retained
+/// bounded (with one per thread, backup-restore's eight writers kept about
+/// 250 MB resident on a 1 GiB restore).
+pub fn tune_allocator() {
+    // SAFETY: mallopt only tunes the allocator; it takes plain integers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
 }

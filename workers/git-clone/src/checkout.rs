@@ -223,6 +223,7 @@ pub fn write(
         let p = root.join(link.rel());
         fs::create_dir(&p).map_err(|e| create_error(e, &link.path, &p))?;
     }
+    let runs = directory_runs(&plan.files);
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let used = AtomicU64::new(0);
@@ -231,7 +232,8 @@ pub fn write(
     std::thread::scope(|s| {
         for _ in 0..limits.threads.max(1) {
             s.spawn(|| {
-                let outcome = write_files(gitdir, root, plan, limits, ctx, &next, &stop, &used);
+                let outcome =
+                    write_files(gitdir, root, plan, &runs, limits, ctx, &next, &stop, &used);
                 match outcome {
                     Ok(mut mine) => stats.lock().unwrap().append(&mut mine),
                     Err(e) => {
@@ -259,11 +261,39 @@ pub fn write(
     Ok(stats)
 }
 
+/// The plan's files cut into runs that share a parent directory (at most
+/// [`MAX_RUN`] files each), the unit a writer claims. Two writers creating
+/// files in one directory take turns on its lock, and the kernel spins
+/// while it waits: claiming one file at a time put both writers in the same
+/// directory almost always, and perf showed a tenth of the run spinning in
+/// `rwsem_spin_on_owner` under `openat`.
+fn directory_runs(files: &[Entry]) -> Vec<std::ops::Range<usize>> {
+    fn parent(e: &Entry) -> &[u8] {
+        let end = e.path.iter().rposition(|&b| b == b'/').unwrap_or(0);
+        &e.path[..end]
+    }
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=files.len() {
+        let cut =
+            i == files.len() || i - start == MAX_RUN || parent(&files[i]) != parent(&files[start]);
+        if cut {
+            runs.push(start..i);
+            start = i;
+        }
+    }
+    runs
+}
+
+/// A very large directory is still shared by the writers, in runs this long.
+const MAX_RUN: usize = 1024;
+
 #[allow(clippy::too_many_arguments)]
 fn write_files(
     gitdir: &Path,
     root: &Path,
     plan: &Plan,
+    runs: &[std::ops::Range<usize>],
     limits: &Limits,
     ctx: &Context,
     next: &AtomicUsize,
@@ -273,15 +303,20 @@ fn write_files(
     let repo = Repository::open(gitdir)?;
     let odb = repo.odb()?;
     let mut out = Vec::new();
+    let mut claimed = 0..0;
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(out);
         }
         ctx.cancel.check()?;
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(entry) = plan.files.get(i) else {
-            return Ok(out);
-        };
+        if claimed.is_empty() {
+            match runs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                Some(run) => claimed = run.clone(),
+                None => return Ok(out),
+            }
+        }
+        let i = claimed.next().expect("a claimed index");
+        let entry = &plan.files[i];
         let object = odb
             .read(entry.oid)
             .with_context(|| format!("reading blob {} for {}", entry.oid, entry.rel().display()))?;

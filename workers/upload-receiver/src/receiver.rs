@@ -25,7 +25,6 @@ const DEFAULT_FILE_NAME: &str = "disk.img";
 const GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(args: Args, ctx: &Context) -> Result<String> {
-    keep_freed_memory();
     let config = args.server.config()?;
     let target = Target::detect(args.common.target_path().as_deref(), args.common.pvc_size)?;
     ctx.report.set_target(&target);
@@ -127,18 +126,4 @@ pub fn run(args: Args, ctx: &Context) -> Result<String> {
     runtime.block_on(server.shutdown(GRACE));
     runtime.shutdown_timeout(Duration::from_secs(1));
     outcome
-}
-
-/// Body frames are allocated on the connection's thread and freed on the
-/// sink's. With glibc's defaults every few MiB of that churn went back to the
-/// kernel (madvise) and came back as fresh zeroed pages: about 40,000 page
-/// faults per GiB received. Keeping freed memory in the heap costs no more
-/// than the peak already in flight (the pipeline's 8 MiB budget and hyper's
-/// buffers).
-fn keep_freed_memory() {
-    // SAFETY: mallopt only tunes the allocator; it takes plain integers.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-    }
 }
