@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context as _, Result};
 use populator_core::error::{fail, Kind};
-use populator_core::target::{block_device_size, short_bytes, sync_filesystem, Target, TargetKind};
+use populator_core::target::{block_device_size, short_bytes, Target, TargetKind};
 use populator_core::Context;
 
 use crate::block::{copy_device, load_local_journal, Resume, Zeroing};
@@ -171,12 +171,15 @@ fn copy_tree(src: &Path, target: &Target, args: &LocalArgs, ctx: &Context) -> Re
         resuming,
         &ctx.progress,
     );
+    // The disk works while the tree is copied; the flush below only has the
+    // tail left (see populator_core::writeback).
+    let writeback = populator_core::writeback::EarlyWriteback::start(dst)?;
     crate::walk::walk(src, &[LOST_FOUND], jobs, &ctx.cancel, &copy)?;
     copy.finish_dirs(|| {
         std::fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))
     })?;
     ctx.progress.set_stage("flushing");
-    sync_filesystem(dst)?;
+    writeback.finish()?;
     let s = &copy.stats;
     let files = s.files.load(Ordering::Relaxed);
     ctx.report.set("files", files);
