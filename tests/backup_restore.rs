@@ -313,6 +313,50 @@ fn restores_over_rest_v1_and_v2() {
     }
 }
 
+/// `rest:https://…` with a private CA: trusted through --ca-file, refused
+/// without it (the server's certificate is checked).
+#[test]
+fn restores_over_rest_with_tls_and_a_private_ca() {
+    let f = fixture();
+    let dir = test_dir("rest-tls");
+    let ca = populator_tests::tls::make_ca(&dir.join("tls"));
+    let rest = RestServer::start_tls(
+        &dir.join("root"),
+        &dir.join("rclone.log"),
+        &ca.server_cert,
+        &ca.server_key,
+    );
+    let repo = rest.repo("tls");
+    let restic_tls = |args: &str| {
+        restic(
+            &repo,
+            &f.password_file,
+            &format!("--cacert {} {args}", ca.ca_cert.display()),
+        )
+    };
+    restic_tls("init");
+    let source = f.vol.join("d003");
+    restic_tls(&format!("backup {}", source.display()));
+
+    let untrusted = test_dir("rest-tls-untrusted");
+    let run = restore(&repo, &untrusted).run();
+    assert_ne!(run.code, 0, "an unknown CA must be refused{}", run.dump());
+    assert!(
+        run.stderr.to_lowercase().contains("certificate"),
+        "the message should name the certificate{}",
+        run.dump()
+    );
+    assert_eq!(run.result()["status"], "Failed");
+
+    let target = test_dir("rest-tls-restore");
+    let run = restore(&repo, &target)
+        .arg("--ca-file")
+        .arg(&ca.ca_cert)
+        .run();
+    run.success();
+    assert_same_tree(&source, &target, &run);
+}
+
 #[test]
 fn restores_from_seaweedfs_s3_v1_and_v2() {
     let f = fixture();

@@ -53,28 +53,47 @@ pub fn start_daemon(program: &str, args: &[String], log: &Path, port: u16, wait:
 pub struct RestServer {
     pub port: u16,
     pub root: PathBuf,
+    scheme: &'static str,
 }
 
 impl RestServer {
     pub fn start(root: &Path, log: &Path) -> RestServer {
+        Self::start_with(root, log, None)
+    }
+
+    /// The same over HTTPS with this certificate and key (PEM files).
+    pub fn start_tls(root: &Path, log: &Path, cert: &Path, key: &Path) -> RestServer {
+        Self::start_with(root, log, Some((cert, key)))
+    }
+
+    fn start_with(root: &Path, log: &Path, tls: Option<(&Path, &Path)>) -> RestServer {
         std::fs::create_dir_all(root).unwrap();
         let port = free_port();
-        let args = vec![
+        let mut args = vec![
             "serve".into(),
             "restic".into(),
             "--addr".into(),
             format!("127.0.0.1:{port}"),
-            root.display().to_string(),
         ];
+        if let Some((cert, key)) = tls {
+            args.extend([
+                "--cert".into(),
+                cert.display().to_string(),
+                "--key".into(),
+                key.display().to_string(),
+            ]);
+        }
+        args.push(root.display().to_string());
         start_daemon("rclone", &args, log, port, Duration::from_secs(30));
         RestServer {
             port,
             root: root.to_path_buf(),
+            scheme: if tls.is_some() { "https" } else { "http" },
         }
     }
 
     pub fn repo(&self, name: &str) -> String {
-        format!("rest:http://127.0.0.1:{}/{name}/", self.port)
+        format!("rest:{}://127.0.0.1:{}/{name}/", self.scheme, self.port)
     }
 }
 

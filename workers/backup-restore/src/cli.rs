@@ -287,6 +287,8 @@ pub struct ResticSource {
     pub paths: Vec<String>,
     pub includes: Vec<String>,
     pub connections: usize,
+    /// `--ca-file`, trusted by an HTTPS REST server's connection.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Args {
@@ -354,6 +356,7 @@ impl Args {
             paths: r.paths.clone(),
             includes: r.includes.clone(),
             connections: r.connections as usize,
+            ca_file: self.stream.ca_file.clone(),
         })))
     }
 

@@ -40,10 +40,17 @@ pub fn open(source: &ResticSource) -> Result<(IndexedRepo, Arc<dyn WriteBackend>
                     .map_err(|e| from_rustic(&e, Kind::Usage, "RepositoryNotFound", &name))?,
             )
         }
-        RepoLocation::Rest(url) => Arc::new(
-            rustic_backend::RestBackend::new(url, std::iter::empty())
-                .map_err(|e| from_rustic(&e, Kind::Usage, "InvalidConfiguration", &name))?,
-        ),
+        RepoLocation::Rest(url) => {
+            // rustic's REST client trusts the system roots plus `cacert`.
+            let ca = source
+                .ca_file
+                .as_ref()
+                .map(|ca| ("cacert".to_string(), ca.to_string_lossy().into_owned()));
+            Arc::new(
+                rustic_backend::RestBackend::new(url, ca)
+                    .map_err(|e| from_rustic(&e, Kind::Usage, "InvalidConfiguration", &name))?,
+            )
+        }
         RepoLocation::S3(location) => {
             let (id, key) = source.s3_keys.as_ref().expect("S3 keys are checked in cli");
             Arc::new(S3Backend::new(location, id, key).map_err(|e| {
