@@ -25,6 +25,10 @@ if [ "$#" -ne 1 ]; then
   exit 2
 fi
 root=$(cd "$(dirname "$0")/.." && pwd)
+# Only its helpers (bench_volume, bench_fresh_volume); this script keeps its
+# own work directory and cleanup.
+# shellcheck source=scripts/lib/bench.sh
+source "$root/scripts/lib/bench.sh"
 bin=$(cd "$1" && pwd)/backup-restore
 small=${BENCH_SMALL_FILES:-20000}
 big=${BENCH_BIG_FILES:-8}
@@ -98,24 +102,9 @@ sum_first=$(sha256sum < "$tree/$first_rel" | cut -d' ' -f1)
 # filesystem). Restoring into the work filesystem, whose earlier outputs had
 # just been removed, measured that filesystem's state more than the tools
 # (see scripts/lib/bench.sh, bench_volume).
-mkdir -p "$work/vol"
-if $is_root; then
-  truncate -s $(( (tree_bytes >> 20) * 2 + 1024 ))M "$work/vol.img"
-  loopdev=$(losetup -f --show --direct-io=on "$work/vol.img")
-fi
+bench_volume $(( (tree_bytes >> 20) * 2 + 1024 ))
 target_desc="a directory of the work filesystem"
 [ -n "$loopdev" ] && target_desc="a fresh ext4 on a direct-I/O loop device each run"
-fresh_volume() {
-  if [ -n "$loopdev" ]; then
-    umount "$work/vol" 2>/dev/null || true
-    # Inode tables and journal written now, not zeroed by the kernel in the
-    # background (ext4lazyinit) during the timed run.
-    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$loopdev"
-    mount "$loopdev" "$work/vol"
-  else
-    rm -rf "$work/vol" && mkdir "$work/vol"
-  fi
-}
 out=$work/vol/out
 declare -A label cmd group
 order=()
@@ -148,7 +137,7 @@ results=$work/results.tsv
 for ((run = 1; run <= runs; run++)); do
   for id in "${order[@]}"; do
     rm -f "$work/result.json"
-    fresh_volume
+    bench_fresh_volume
     mkdir "$out"
     sync
     if $is_root; then echo 3 > /proc/sys/vm/drop_caches; fi
