@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use populator_tests::daemon::{RestServer, S3Server, S3_ACCESS_KEY, S3_SECRET_KEY};
+use populator_tests::daemon::{tls_front, RestServer, S3Server, S3_ACCESS_KEY, S3_SECRET_KEY};
 use populator_tests::fixtures::{random_file, sha256_file, Noise};
 use populator_tests::loopdev::{Fs, LoopDevice};
 use populator_tests::nginx::{free_port, nginx};
@@ -317,7 +317,6 @@ fn restores_over_rest_v1_and_v2() {
 /// without it (the server's certificate is checked).
 #[test]
 fn restores_over_rest_with_tls_and_a_private_ca() {
-    let f = fixture();
     let dir = test_dir("rest-tls");
     let ca = populator_tests::tls::make_ca(&dir.join("tls"));
     let rest = RestServer::start_tls(
@@ -326,20 +325,43 @@ fn restores_over_rest_with_tls_and_a_private_ca() {
         &ca.server_cert,
         &ca.server_key,
     );
-    let repo = rest.repo("tls");
+    backup_and_restore_over_tls(&rest.repo("tls"), &ca.ca_cert, "rest-tls");
+}
+
+/// `s3:https://…` (the fixture's SeaweedFS behind an nginx TLS front) with a
+/// private CA, as a private MinIO or Ceph RGW would be.
+#[test]
+fn restores_from_s3_with_tls_and_a_private_ca() {
+    let f = fixture();
+    let dir = test_dir("s3-tls");
+    let ca = populator_tests::tls::make_ca(&dir.join("tls"));
+    let port = tls_front(
+        &dir.join("front"),
+        f.s3.port,
+        &ca.server_cert,
+        &ca.server_key,
+    );
+    let repo = format!("s3:https://127.0.0.1:{port}/tlsbucket/repo");
+    backup_and_restore_over_tls(&repo, &ca.ca_cert, "s3-tls");
+}
+
+/// restic (trusting `ca`) backs up one directory to `repo`; backup-restore
+/// fails without --ca-file, naming the certificate, and restores it with.
+fn backup_and_restore_over_tls(repo: &str, ca: &Path, name: &str) {
+    let f = fixture();
     let restic_tls = |args: &str| {
         restic(
-            &repo,
+            repo,
             &f.password_file,
-            &format!("--cacert {} {args}", ca.ca_cert.display()),
+            &format!("--cacert {} {args}", ca.display()),
         )
     };
     restic_tls("init");
     let source = f.vol.join("d003");
     restic_tls(&format!("backup {}", source.display()));
 
-    let untrusted = test_dir("rest-tls-untrusted");
-    let run = restore(&repo, &untrusted).run();
+    let untrusted = test_dir(&format!("{name}-untrusted"));
+    let run = restore(repo, &untrusted).run();
     assert_ne!(run.code, 0, "an unknown CA must be refused{}", run.dump());
     assert!(
         run.stderr.to_lowercase().contains("certificate"),
@@ -348,11 +370,8 @@ fn restores_over_rest_with_tls_and_a_private_ca() {
     );
     assert_eq!(run.result()["status"], "Failed");
 
-    let target = test_dir("rest-tls-restore");
-    let run = restore(&repo, &target)
-        .arg("--ca-file")
-        .arg(&ca.ca_cert)
-        .run();
+    let target = test_dir(&format!("{name}-restore"));
+    let run = restore(repo, &target).arg("--ca-file").arg(ca).run();
     run.success();
     assert_same_tree(&source, &target, &run);
 }

@@ -97,6 +97,48 @@ impl RestServer {
     }
 }
 
+/// nginx terminating TLS in front of a plain HTTP server on `upstream`
+/// (the Host header passed through, so S3 signatures still match); returns
+/// its port. Lives as long as the test process.
+pub fn tls_front(dir: &Path, upstream: u16, cert: &Path, key: &Path) -> u16 {
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let port = free_port();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off; master_process off; pid {d}/nginx.pid; error_log {d}/error.log;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    client_max_body_size 0;
+    proxy_request_buffering off; proxy_buffering off;
+    location / {{
+      proxy_pass http://127.0.0.1:{upstream};
+      proxy_http_version 1.1;
+      proxy_set_header Host $http_host;
+    }}
+  }}
+}}
+",
+        cert = cert.display(),
+        key = key.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p").arg(dir).arg("-c").arg(dir.join("nginx.conf"));
+    crate::spawn::spawn_for_life(cmd, "nginx (TLS front)", Some(dir.join("nginx.log")));
+    assert!(
+        crate::spawn::wait_listening("127.0.0.1", &[port], Duration::from_secs(10)),
+        "the TLS front did not listen on {port}; {}",
+        std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+    );
+    port
+}
+
 pub const S3_ACCESS_KEY: &str = "populator-test-key";
 pub const S3_SECRET_KEY: &str = "populator-test-secret-8d1c";
 

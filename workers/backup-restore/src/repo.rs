@@ -53,13 +53,15 @@ pub fn open(source: &ResticSource) -> Result<(IndexedRepo, Arc<dyn WriteBackend>
         }
         RepoLocation::S3(location) => {
             let (id, key) = source.s3_keys.as_ref().expect("S3 keys are checked in cli");
-            Arc::new(S3Backend::new(location, id, key).map_err(|e| {
-                fail(
-                    Kind::Usage,
-                    "InvalidConfiguration",
-                    format!("S3 repository {name}: {e:#}"),
-                )
-            })?)
+            Arc::new(
+                S3Backend::new(location, id, key, source.ca_file.as_deref()).map_err(|e| {
+                    fail(
+                        Kind::Usage,
+                        "InvalidConfiguration",
+                        format!("S3 repository {name}: {e:#}"),
+                    )
+                })?,
+            )
         }
     };
     let options = RepositoryOptions::default().no_cache(true);

@@ -3,6 +3,7 @@
 //! Restic's object layout: `config`, `keys/ID`, `snapshots/ID`, `index/ID`,
 //! `data/XX/ID` under the repository prefix.
 
+use std::path::Path;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -38,6 +39,7 @@ impl S3Backend {
         location: &S3Location,
         access_key_id: &Secret,
         secret_access_key: &Secret,
+        ca_file: Option<&Path>,
     ) -> anyhow::Result<Self> {
         // The reqwest HTTP transport (no auto-registration without opendal's
         // default features).
@@ -53,8 +55,13 @@ impl S3Backend {
             // ~/.aws or the EC2 metadata service.
             .disable_config_load()
             .disable_ec2_metadata();
-        let operator = opendal::Operator::new(builder)?
+        let mut operator = opendal::Operator::new(builder)?
             .layer(opendal::layers::RetryLayer::new().with_max_times(3));
+        if let Some(ca) = ca_file {
+            operator = operator.with_context(
+                opendal::OperationContext::new().with_http_transport(transport_trusting(ca)?),
+            );
+        }
         let _guard = runtime().enter();
         Ok(S3Backend {
             operator: Operator::new(operator)?,
@@ -70,6 +77,22 @@ impl S3Backend {
             _ => format!("{}/{}", tpe.dirname(), &*hex),
         }
     }
+}
+
+/// opendal's HTTP client (reqwest 0.13, rustls) trusting the system roots
+/// and the CA certificates in `ca` (a private MinIO or Ceph RGW, say).
+fn transport_trusting(ca: &Path) -> anyhow::Result<opendal::HttpTransporter> {
+    use anyhow::Context as _;
+    let pem = std::fs::read(ca).with_context(|| format!("reading --ca-file {}", ca.display()))?;
+    let certs = reqwest13::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("--ca-file {} holds no PEM certificate", ca.display()))?;
+    let client = reqwest13::Client::builder()
+        .tls_certs_merge(certs)
+        .build()
+        .context("building the S3 HTTP client")?;
+    Ok(opendal::HttpTransporter::new(
+        opendal_http_transport_reqwest::ReqwestTransport::new(client),
+    ))
 }
 
 fn backend_error(what: &str, path: &str, err: opendal::Error) -> Box<RusticError> {
