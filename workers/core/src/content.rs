@@ -283,10 +283,8 @@ impl Sink for ArchiveSink {
         let summary = self.summary.as_ref().expect("commit after write_stream");
         archive::move_into_place(&self.staging, &self.root)?;
         archive::apply_dir_metadata(&self.root, &summary.directories, &self.options)?;
-        match self.writeback.take() {
-            Some(writeback) => writeback.finish(),
-            None => crate::target::sync_filesystem(&self.root),
-        }
+        let writeback = self.writeback.take().expect("commit after write_stream");
+        writeback.finish()
     }
 
     fn abort(&mut self) {

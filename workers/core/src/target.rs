@@ -214,12 +214,16 @@ pub fn short_bytes(n: u64) -> String {
 
 /// syncfs: flushes every file written on the filesystem holding `path`.
 pub fn sync_filesystem(path: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
     let dir = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: a valid descriptor.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("syncing {}", path.display()));
+    syncfs(&dir).with_context(|| format!("syncing {}", path.display()))
+}
+
+/// syncfs on an open file or directory of the filesystem.
+pub fn syncfs(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor for the life of the call.
+    if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

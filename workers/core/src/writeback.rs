@@ -18,13 +18,14 @@
 //! removed the gain disappeared in that filesystem's own costs.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+
+use crate::target::syncfs;
 
 /// How long the flusher waits between two syncfs calls.
 pub const INTERVAL: Duration = Duration::from_millis(200);
@@ -109,14 +110,6 @@ fn flush_until_stopped(dir: &File, shared: &Shared) {
         }
         stopped = shared.stopped.lock().unwrap();
     }
-}
-
-fn syncfs(dir: &File) -> std::io::Result<()> {
-    // SAFETY: a valid descriptor for the life of the call.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
