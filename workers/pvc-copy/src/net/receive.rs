@@ -57,6 +57,9 @@ struct Transfer {
     session: String,
     kind: TransferKind,
     journal: Mutex<Journal>,
+    /// Held while progress is made durable, which runs outside the journal
+    /// lock: streams go on marking items done during a flush.
+    committing: Mutex<()>,
     resumed: u64,
     /// Content digest of each file (tree) or hash of each chunk (block),
     /// taken from the bytes as they arrived, so the final digest does not
@@ -369,6 +372,9 @@ impl Receiver<'_> {
             let kind = read_frame(conn, buf)?;
             match kind {
                 Frame::Data | Frame::Zero => {
+                    // After any commit under way: it may still write the
+                    // journal where this chunk goes.
+                    let _no_commit = transfer.committing.lock().unwrap();
                     transfer.journal.lock().unwrap().closed = true;
                     self.block_frame(&transfer, kind, buf)?;
                 }
@@ -433,6 +439,7 @@ impl Receiver<'_> {
                 last_commit: Instant::now(),
                 closed: false,
             }),
+            committing: Mutex::new(()),
             resumed,
         })
     }
@@ -481,6 +488,7 @@ impl Receiver<'_> {
                 last_commit: Instant::now(),
                 closed: false,
             }),
+            committing: Mutex::new(()),
             resumed,
         })
     }
@@ -488,6 +496,9 @@ impl Receiver<'_> {
     /// A data stream: chunks and file ends until StreamEnd.
     fn data(&self, conn: &mut Conn, t: &Transfer, buf: &mut Vec<u8>) -> Result<()> {
         let mut open: Option<(u64, File)> = None;
+        // How far the open file's data reaches: when that is its size, it
+        // needs no ftruncate (the common case: a 4 KiB file in one frame).
+        let mut data_end = 0u64;
         let mut hasher: Option<FileHasher> = None;
         let mut raw = Vec::new();
         loop {
@@ -523,9 +534,11 @@ impl Receiver<'_> {
                             .open(&path)
                             .with_context(|| format!("opening {}", path.display()))?;
                         open = Some((h.item, f));
+                        data_end = 0;
                     }
                     let f = &open.as_ref().unwrap().1;
                     ChunkWriter::new(f, Zeroing::Skip).write_chunk(h.offset, payload)?;
+                    data_end = data_end.max(h.offset + payload.len() as u64);
                     self.ctx.progress.advance(payload.len() as u64);
                     self.ctx.progress.add_written(payload.len() as u64);
                 }
@@ -536,15 +549,21 @@ impl Receiver<'_> {
                         bail!("protocol error: size of {} disagrees", e.rel.display());
                     }
                     let path = self.target.path.join(&e.rel);
-                    let f = match open.take() {
-                        Some((i, f)) if i == item => f,
-                        _ => OpenOptions::new()
-                            .write(true)
-                            .custom_flags(libc::O_NOFOLLOW)
-                            .open(&path)
-                            .with_context(|| format!("opening {}", path.display()))?,
+                    let (f, reaches_size) = match open.take() {
+                        Some((i, f)) if i == item => (f, data_end == size),
+                        _ => (
+                            OpenOptions::new()
+                                .write(true)
+                                .custom_flags(libc::O_NOFOLLOW)
+                                .open(&path)
+                                .with_context(|| format!("opening {}", path.display()))?,
+                            false,
+                        ),
                     };
-                    f.set_len(size)?;
+                    if !reaches_size {
+                        // Trailing holes, or a file of an earlier attempt.
+                        f.set_len(size)?;
+                    }
                     // All its data is here: its metadata now, on this stream,
                     // while the file is open (times last, after the writes).
                     apply_to_fd(&f, e, self.preserve, Some(e.mode & 0o777))
@@ -607,27 +626,41 @@ impl Receiver<'_> {
         self.commit(t, false)
     }
 
-    /// Makes written data durable, then records it as done.
+    /// Makes written data durable, then records it as done. The flush runs
+    /// without the journal lock (holding it stalled every stream for the
+    /// length of a syncfs every two seconds); one commit at a time, and a
+    /// periodic one is skipped while another runs.
     fn commit(&self, t: &Transfer, force: bool) -> Result<()> {
-        let mut j = t.journal.lock().unwrap();
-        if !j.dirty || (!force && j.last_commit.elapsed() < self.commit_every) {
-            return Ok(());
-        }
-        match &t.kind {
-            TransferKind::Tree { .. } => {
-                sync_filesystem(&self.target.path)?;
-                write_tree_journal(&self.target.path.join(STATE_DIR), &j.done)?;
+        let _committing = match t.committing.try_lock() {
+            Ok(guard) => guard,
+            Err(_) if !force => return Ok(()),
+            Err(_) => t.committing.lock().unwrap(),
+        };
+        let (done, closed) = {
+            let mut j = t.journal.lock().unwrap();
+            if !j.dirty || (!force && j.last_commit.elapsed() < self.commit_every) {
+                return Ok(());
             }
-            TransferKind::Block { file, size, .. } => {
-                file.sync_data()?;
-                if !j.closed {
-                    write_block_journal(file, *size, &t.session, &j.done)?;
-                }
-            }
+            j.dirty = false;
+            j.last_commit = Instant::now();
+            (j.done.clone(), j.closed)
+        };
+        // Every item in `done` was written before it was marked: flushed now.
+        let made_durable = match &t.kind {
+            TransferKind::Tree { .. } => sync_filesystem(&self.target.path)
+                .and_then(|()| write_tree_journal(&self.target.path.join(STATE_DIR), &done)),
+            TransferKind::Block { file, size, .. } => file
+                .sync_data()
+                .map_err(Into::into)
+                .and_then(|()| match closed {
+                    true => Ok(()),
+                    false => write_block_journal(file, *size, &t.session, &done),
+                }),
+        };
+        if made_durable.is_err() {
+            t.journal.lock().unwrap().dirty = true;
         }
-        j.dirty = false;
-        j.last_commit = Instant::now();
-        Ok(())
+        made_durable
     }
 
     /// All data is here: metadata, flush, digest, the sender's verdict.
