@@ -18,6 +18,11 @@
 #   BENCH_VIRTUAL_GIB=4   virtual size of the image
 #   BENCH_RUNS=3          runs per case
 #   BENCH_TMPDIR=/var/tmp where the data and the loop file live (not tmpfs)
+#   BENCH_SOURCE=remote   remote: the served image is read into the page cache
+#                         after the caches are dropped, as a server on another
+#                         machine reads from its own disk; local: nginx reads
+#                         it from the disk the target is on (both cases then
+#                         read and write the same virtual disk)
 set -euo pipefail
 # shellcheck source=scripts/lib/bench.sh
 source "$(dirname "$0")/lib/bench.sh"
@@ -25,6 +30,8 @@ source "$(dirname "$0")/lib/bench.sh"
 bench_args http-import "$@"
 virtual_gib=${BENCH_VIRTUAL_GIB:-4}
 runs=${BENCH_RUNS:-3}
+source_mode=${BENCH_SOURCE:-remote}
+case $source_mode in remote | local) ;; *) echo "BENCH_SOURCE must be remote or local" >&2; exit 2 ;; esac
 [ "$virtual_gib" -ge 1 ] && [ "$virtual_gib" -le 64 ] || { echo "BENCH_VIRTUAL_GIB must be 1..64" >&2; exit 2; }
 bench_check_runs "$runs" 20
 $is_root || { echo "root is needed (loop device, drop_caches)" >&2; exit 1; }
@@ -74,6 +81,7 @@ for ((run = 1; run <= runs; run++)); do
     rm -f "$work/scratch/t.qcow2" "$work/result.json"
     blkdiscard "$loopdev" 2>/dev/null || true
     bench_drop_caches
+    if [ "$source_mode" = remote ]; then cat "$work/www/t.qcow2" > /dev/null; fi
     bench_argv "${cmd[$id]}"
     status=ok
     if ! bench_timed 1200 "${argv[@]}"; then
@@ -95,7 +103,7 @@ mkdir -p "$(dirname "$report")"
   echo
   echo "- $(date -u +%Y-%m-%dT%H:%MZ), $("$bin" --version) (source $revision), $(qemu-img --version | head -n 1)"
   echo "- machine: $(nproc) CPUs, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM; load average before: $load_start, after: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "- image: qcow2, $virtual_gib GiB virtual, $((qcow2_bytes >> 20)) MiB file; target: loop device (direct I/O); $runs runs per case, medians"
+  echo "- image: qcow2, $virtual_gib GiB virtual, $((qcow2_bytes >> 20)) MiB file; target: loop device (direct I/O); served image read by nginx from: $source_mode (see BENCH_SOURCE); $runs runs per case, medians"
   echo
   python3 - "$results" "${scratch[ours]}" "${scratch[cdi]}" "${scratch[floor]}" \
     "${label[ours]}" "${label[cdi]}" "${label[floor]}" <<'PY'

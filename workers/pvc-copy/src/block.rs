@@ -262,7 +262,8 @@ fn write_zeros(file: &File, mut start: u64, mut len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Bytes copied between two records of a local block copy's progress.
+/// Least bytes copied between two records of a local block copy's progress
+/// (and at least `Resume::commit_every` between them).
 const COMMIT_BYTES: u64 = 256 << 20;
 const LOCAL_MAGIC: &[u8; 8] = b"PVCLOCAL";
 const LOCAL_JOURNAL: usize = 8 + 32 + 8 + 32;
@@ -301,6 +302,8 @@ pub struct Resume {
     pub session: Hash,
     /// Chunks already on the target (from the journal), not copied again.
     pub first: u64,
+    /// Least time between two records (each costs two flushes of the target).
+    pub commit_every: std::time::Duration,
 }
 
 /// What a block copy did.
@@ -350,6 +353,7 @@ pub fn copy_device(
     let journal = journal_at(size);
     let mut journal_written = first > 0;
     let mut committed = first * CHUNK;
+    let mut last_commit = std::time::Instant::now();
     let mut writer = ChunkWriter::new(dst, zeroing).with_direct_io();
     writer.flushed_to = first * CHUNK / WINDOW * WINDOW;
     let (read_result, write_result) = std::thread::scope(|s| {
@@ -405,9 +409,11 @@ pub fn copy_device(
                 progress.add_read(len);
                 progress.advance(len);
                 let done = start + len;
-                if let Some(at) =
-                    journal.filter(|&at| done < at && done >= committed + COMMIT_BYTES)
-                {
+                if let Some(at) = journal.filter(|&at| {
+                    done < at
+                        && done >= committed + COMMIT_BYTES
+                        && last_commit.elapsed() >= resume.commit_every
+                }) {
                     // Durable first, then recorded: a restart trusts the record.
                     writer.flush_pending()?;
                     dst.sync_data()?;
@@ -415,6 +421,7 @@ pub fn copy_device(
                     dst.sync_data()?;
                     journal_written = true;
                     committed = done;
+                    last_commit = std::time::Instant::now();
                 }
             }
             Ok(())

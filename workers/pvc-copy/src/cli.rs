@@ -57,7 +57,32 @@ pub struct LocalArgs {
     pub copy: CopyArgs,
 
     #[command(flatten)]
+    pub commit: CommitArgs,
+
+    #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// How often a copy makes its progress durable for a restart to resume from.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CommitArgs {
+    /// Seconds between making the progress durable (flush, then record what
+    /// is done): what a restarted copy or receiver can skip. Each is a flush
+    /// of the target, so more often costs speed (a local block copy also
+    /// waits for 256 MiB more between two).
+    #[arg(
+        long,
+        env = "POPULATOR_COMMIT_INTERVAL",
+        default_value_t = 2.0,
+        value_name = "SECONDS"
+    )]
+    pub commit_interval: f64,
+}
+
+impl CommitArgs {
+    pub fn every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.commit_interval.clamp(0.0, 3600.0))
+    }
 }
 
 /// TLS and authentication of network mode.
@@ -165,15 +190,8 @@ pub struct ReceiveArgs {
     #[command(flatten)]
     pub tls: populator_core::options::ServerTlsArgs,
 
-    /// Seconds between making the progress durable (flush, then journal):
-    /// what a restarted receiver can skip.
-    #[arg(
-        long,
-        env = "POPULATOR_COMMIT_INTERVAL",
-        default_value_t = 2.0,
-        value_name = "SECONDS"
-    )]
-    pub commit_interval: f64,
+    #[command(flatten)]
+    pub commit: CommitArgs,
 
     /// Give up when no sender has connected for this many seconds (0: wait forever).
     #[arg(

@@ -13,7 +13,7 @@ use populator_core::target::{block_device_size, short_bytes, Target, TargetKind}
 use populator_core::Context;
 
 use crate::block::{copy_device, load_local_journal, Resume, Zeroing};
-use crate::cli::{CopyArgs, LocalArgs};
+use crate::cli::LocalArgs;
 use crate::digest::{content_digest, tree_digest, TreeDigestOptions};
 use crate::tree::{preserve_for, target_contents, TreeCopy, LOST_FOUND, STATE_DIR};
 
@@ -88,7 +88,7 @@ pub fn run(args: LocalArgs, ctx: &Context) -> Result<String> {
             copy_tree(&source, &target, &args, ctx)
         }
         (SourceKind::Block | SourceKind::File, TargetKind::Block | TargetKind::File) => {
-            copy_block(&source, kind, &target, &args.copy, ctx)
+            copy_block(&source, kind, &target, &args, ctx)
         }
         (s, t) => Err(usage(
             "MixedVolumeModes",
@@ -331,9 +331,10 @@ fn copy_block(
     src_path: &Path,
     kind: SourceKind,
     target: &Target,
-    copy: &CopyArgs,
+    args: &LocalArgs,
     ctx: &Context,
 ) -> Result<String> {
+    let copy = &args.copy;
     let size = device_size(src_path, kind)?;
     target.check_fits(size, &format!("source {}", src_path.display()))?;
     let src =
@@ -357,7 +358,11 @@ fn copy_block(
         size,
         &dst,
         zeroing,
-        Resume { session, first },
+        Resume {
+            session,
+            first,
+            commit_every: args.commit.every(),
+        },
         ctx,
     )?;
     let digest = hex::encode(outcome.digest);

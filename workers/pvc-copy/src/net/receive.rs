@@ -182,7 +182,7 @@ pub fn run(args: ReceiveArgs, ctx: &Context) -> Result<String> {
         token: token.expose().as_bytes().to_vec(),
         overwrite: args.copy.overwrite,
         jobs: args.copy.jobs(),
-        commit_every: Duration::from_secs_f64(args.commit_interval.clamp(0.0, 3600.0)),
+        commit_every: args.commit.every(),
         ctx,
         current: Mutex::new(None),
         outcome: tx,
