@@ -8,6 +8,9 @@
 #   curl -o t.qcow2 URL && qemu-img convert -O raw t.qcow2 /dev/loopN
 #                                                             (CDI's path: reference)
 #   qemu-img convert -O raw local.qcow2 /dev/loopN            (the floor: no network)
+#   http-import --target /dev/loopN, the qcow2 file as it is  (the download floor:
+#                                     the same bytes fetched, hashed and written,
+#                                     no conversion)
 #
 # Each case runs BENCH_RUNS times, interleaved, page cache dropped before each
 # run, the device discarded between runs; every output is compared with the
@@ -65,14 +68,16 @@ log "nginx on $url, loop device $loopdev"
 
 # --- cases ----------------------------------------------------------------
 declare -A label cmd
-order=(ours cdi floor)
+order=(ours cdi floor download)
 label[ours]="http-import --content disk --target /dev/loopN"
 cmd[ours]="$bin --progress none --retries 0 --content disk --url $url --target $loopdev --termination-log $work/result.json"
 label[cdi]="curl -o t.qcow2 URL && qemu-img convert -O raw t.qcow2 /dev/loopN"
 cmd[cdi]="curl -s -o $work/scratch/t.qcow2 $url && qemu-img convert -f qcow2 -O raw $work/scratch/t.qcow2 $loopdev"
 label[floor]="qemu-img convert -O raw local.qcow2 /dev/loopN (no network)"
 cmd[floor]="qemu-img convert -f qcow2 -O raw $work/www/t.qcow2 $loopdev"
-declare -A scratch=([ours]=0 [cdi]=$qcow2_bytes [floor]=0)
+label[download]="http-import of the qcow2 file as it is (no conversion)"
+cmd[download]="$bin --progress none --retries 0 --url $url --target $loopdev --termination-log $work/result.json"
+declare -A scratch=([ours]=0 [cdi]=$qcow2_bytes [floor]=0 [download]=0)
 
 results=$work/results.tsv
 : > "$results"
@@ -87,6 +92,8 @@ for ((run = 1; run <= runs; run++)); do
     if ! bench_timed 1200 "${argv[@]}"; then
       status=failed
       sed 's/^/    /' "$work/run.log" >&2
+    elif [ "$id" = download ]; then
+      cmp -s -n "$qcow2_bytes" "$work/www/t.qcow2" "$loopdev" || status="wrong output"
     elif ! cmp -s -n "$virtual" "$work/source.raw" "$loopdev"; then
       status="wrong output"
     fi
@@ -105,13 +112,14 @@ mkdir -p "$(dirname "$report")"
   echo "- machine: $(nproc) CPUs, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM; load average before: $load_start, after: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- image: qcow2, $virtual_gib GiB virtual, $((qcow2_bytes >> 20)) MiB file; target: loop device (direct I/O); served image read by nginx from: $source_mode (see BENCH_SOURCE); $runs runs per case, medians"
   echo
-  python3 - "$results" "${scratch[ours]}" "${scratch[cdi]}" "${scratch[floor]}" \
-    "${label[ours]}" "${label[cdi]}" "${label[floor]}" <<'PY'
+  python3 - "$results" "${scratch[ours]}" "${scratch[cdi]}" "${scratch[floor]}" "${scratch[download]}" \
+    "${label[ours]}" "${label[cdi]}" "${label[floor]}" "${label[download]}" <<'PY'
 import statistics, sys
 from collections import defaultdict
 results = sys.argv[1]
-scratch = dict(zip(["ours", "cdi", "floor"], map(int, sys.argv[2:5])))
-labels = dict(zip(["ours", "cdi", "floor"], sys.argv[5:8]))
+ids = ["ours", "cdi", "floor", "download"]
+scratch = dict(zip(ids, map(int, sys.argv[2:6])))
+labels = dict(zip(ids, sys.argv[6:10]))
 wall, rss, cpu, failed = (defaultdict(list) for _ in range(4))
 for line in open(results):
     id_, _run, w, r, c, status = line.rstrip("\n").split("\t")
@@ -122,7 +130,7 @@ for line in open(results):
 med = {k: statistics.median(v) for k, v in wall.items()}
 print("| case | median wall s | ratio vs CDI's path | peak RSS MiB | CPU s | scratch bytes | failed runs |")
 print("|---|---:|---:|---:|---:|---:|---|")
-for id_ in ["ours", "cdi", "floor"]:
+for id_ in ids:
     if id_ not in med:
         print(f"| `{labels[id_]}` | — | — | — | — | {scratch[id_]} | {len(failed[id_])} |")
         continue
@@ -136,6 +144,8 @@ if "ours" in med and "cdi" in med:
           f"({'met' if statistics.median(rss['ours']) <= 64 else 'MISSED'}); scratch: 0 bytes.")
 if "ours" in med and "floor" in med:
     print(f"Against the local floor (qemu-img convert of a local file): {med['ours'] / med['floor']:.2f}×.")
+if "download" in med and "cdi" in med:
+    print(f"The download floor (the same bytes fetched, hashed and written, no conversion): {med['download']:.2f} s, {med['download'] / med['cdi']:.2f}× CDI's path.")
 PY
 } > "$report"
 cat "$report"

@@ -60,9 +60,9 @@ cp "$bin" "$work/pvc-copy"
 bin=$work/pvc-copy
 revision=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
 
-loopdev() { # NAME MIB -> device
+loopdev() { # NAME MIB [LOSETUP OPTIONS] -> device
   truncate -s "${2}M" "$work/$1.loop"
-  losetup --find --show "$work/$1.loop"
+  losetup --find --show "${@:3}" "$work/$1.loop"
 }
 fresh_fs() { # DEVICE MOUNTPOINT
   mountpoint -q "$2" && umount "$2"
@@ -92,7 +92,11 @@ EOF
 for ((i = 0; i < big; i++)); do head -c "$((big_mib << 20))" /dev/urandom > "$work/src/big$i"; done
 sync -f "$work/src"
 log "making a $block_mib MiB block device: 4 MiB random, 4 MiB zeros"
-bsrc=$(loopdev bsrc "$block_mib"); bdst=$(loopdev bdst "$block_mib")
+# The block devices use direct I/O: without it the loop driver writes into
+# the page cache of its backing file, a cache a real block volume does not
+# have, and every flush of the device then writes it out (see
+# docs/benchmarks.md). The filesystems of the tree cases keep the default.
+bsrc=$(loopdev bsrc "$block_mib" --direct-io=on); bdst=$(loopdev bdst "$block_mib" --direct-io=on)
 for ((i = 0; i < block_mib / 8; i++)); do head -c 4M /dev/urandom; head -c 4M /dev/zero; done |
   dd of="$bsrc" bs=4M iflag=fullblock oflag=direct status=none
 

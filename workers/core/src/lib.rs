@@ -17,7 +17,6 @@ pub mod cancel;
 pub mod content;
 pub mod decompress;
 pub mod digest;
-pub mod direct;
 pub mod disk;
 pub mod error;
 pub mod http;

@@ -1,30 +1,21 @@
 //! Writing a byte stream onto a volume: a bounded buffer, zero regions that
 //! cost no data writes (holes in files, BLKZEROOUT on block devices), a hard
-//! capacity limit checked before each write, direct I/O onto block devices
-//! (see [`crate::direct`]), page cache dropped behind the writer elsewhere so
-//! a pod's memory cgroup does not fill with dirty pages, and a flush before
-//! success.
+//! capacity limit checked before each write, page cache dropped behind the
+//! writer so a pod's memory cgroup does not fill with dirty pages, and a flush
+//! before success.
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use crate::direct::{AlignedBuf, DirectDevice, DirectQueue};
 use crate::error::{into_io, Kind};
 use crate::progress::Progress;
 use crate::target::human_bytes;
 
 /// Bytes gathered before they are examined for zeros and written.
 pub const CHUNK: usize = 1 << 20;
-/// Bytes gathered per write onto a block device with direct I/O: measured
-/// on a loop device, 4 MiB direct writes took 1.3 s for 1.5 GiB, 1 MiB ones
-/// 1.6–1.8 s (each direct write waits for the device).
-const DIRECT_CHUNK: usize = 4 << 20;
-/// Direct-write buffers: one filling, the others with the writing thread.
-const DIRECT_BUFFERS: usize = 3;
 /// Zero detection granularity: a page, the smallest hole a filesystem keeps.
 const GRAIN: usize = 4096;
 /// Page-cache window: written data is pushed to disk and dropped from the cache
@@ -48,12 +39,7 @@ pub struct VolumeWriter {
     mode: ZeroMode,
     /// Logical offset of the first byte in `buf`.
     offset: u64,
-    /// Pending bytes, page-aligned so that a full buffer can go out directly.
-    buf: AlignedBuf,
-    /// The size at which `buf` is written out.
-    chunk: usize,
-    /// Direct writes when the target is a block device.
-    direct: Option<DirectQueue>,
+    buf: Vec<u8>,
     /// A zero region not yet materialised: (start, length).
     zero_run: Option<(u64, u64)>,
     limit: Option<u64>,
@@ -74,23 +60,11 @@ impl VolumeWriter {
         limit: Option<u64>,
         limit_what: impl Into<String>,
     ) -> Self {
-        let direct = match mode {
-            ZeroMode::ZeroOut => DirectDevice::for_device(&file)
-                .map(|device| DirectQueue::new(device, DIRECT_CHUNK, DIRECT_BUFFERS)),
-            ZeroMode::Holes => None,
-        };
-        let chunk = if direct.is_some() {
-            DIRECT_CHUNK
-        } else {
-            CHUNK
-        };
         Self {
             file,
             mode,
             offset: 0,
-            buf: AlignedBuf::default(),
-            chunk,
-            direct,
+            buf: Vec::new(),
             zero_run: None,
             limit,
             limit_what: limit_what.into(),
@@ -142,7 +116,7 @@ impl VolumeWriter {
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.write_buffer()?;
         self.materialise_zero_run()?;
-        self.write_buffered(data, offset)?;
+        self.file.write_all_at(data, offset)?;
         self.data_bytes += data.len() as u64;
         if let Some(p) = &self.progress {
             p.add_written(data.len() as u64);
@@ -155,9 +129,6 @@ impl VolumeWriter {
     pub fn finish(mut self, sync: bool) -> io::Result<File> {
         self.write_buffer()?;
         self.materialise_zero_run()?;
-        if let Some(direct) = &mut self.direct {
-            direct.drain()?;
-        }
         if self.mode == ZeroMode::Holes && self.file.metadata()?.len() < self.offset {
             self.file.set_len(self.offset)?;
         }
@@ -169,35 +140,14 @@ impl VolumeWriter {
 
     fn write_buffer(&mut self) -> io::Result<()> {
         let mut buf = std::mem::take(&mut self.buf);
-        let direct_writes = self.write_region(buf.as_slice())?;
-        match &mut self.direct {
-            Some(direct) if !direct_writes.is_empty() => {
-                direct.submit(buf, direct_writes)?;
-                self.buf = direct.take_buffer()?;
-            }
-            _ => {
-                buf.clear();
-                self.buf = buf;
-            }
-        }
-        Ok(())
-    }
-
-    /// A write through the page cache, after the direct writes in flight
-    /// (a buffered write to part of a page reads the page first: it must
-    /// not read it while a direct write to it is under way).
-    fn write_buffered(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
-        if let Some(direct) = &mut self.direct {
-            direct.drain()?;
-        }
-        self.file.write_all_at(data, offset)
+        let written = self.write_region(&buf);
+        buf.clear();
+        self.buf = buf;
+        written
     }
 
     /// Writes `buf` at the current offset, zero blocks as zero regions.
-    /// With direct I/O, the page-aligned data regions are returned instead,
-    /// for the caller to hand to the writing thread with the buffer.
-    fn write_region(&mut self, buf: &[u8]) -> io::Result<Vec<(Range<usize>, u64)>> {
-        let mut direct_writes = Vec::new();
+    fn write_region(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut at = 0;
         while at < buf.len() {
             let end = (at + GRAIN).min(buf.len());
@@ -220,18 +170,14 @@ impl VolumeWriter {
                 };
             } else {
                 self.materialise_zero_run()?;
-                if self.direct.is_some() && crate::direct::fits(&buf[at..run_end], start) {
-                    direct_writes.push((at..run_end, start));
-                } else {
-                    self.write_buffered(&buf[at..run_end], start)?;
-                }
+                self.file.write_all_at(&buf[at..run_end], start)?;
                 self.data_bytes += len;
             }
             at = run_end;
         }
         self.offset += buf.len() as u64;
         self.drop_cache_behind()?;
-        Ok(direct_writes)
+        Ok(())
     }
 
     fn materialise_zero_run(&mut self) -> io::Result<()> {
@@ -267,7 +213,7 @@ impl VolumeWriter {
         static BIG_ZEROS: [u8; 256 * 1024] = [0; 256 * 1024];
         while len > 0 {
             let n = len.min(BIG_ZEROS.len() as u64) as usize;
-            self.write_buffered(&BIG_ZEROS[..n], start)?;
+            self.file.write_all_at(&BIG_ZEROS[..n], start)?;
             start += n as u64;
             len -= n as u64;
         }
@@ -277,10 +223,6 @@ impl VolumeWriter {
     /// Starts writeback of the last full window and drops the one before it
     /// from the page cache once it is on disk.
     fn drop_cache_behind(&mut self) -> io::Result<()> {
-        if self.direct.is_some() {
-            // Only unaligned pieces go through the cache; the final flush takes them.
-            return Ok(());
-        }
         let fd = self.file.as_raw_fd();
         while self.offset >= self.cache_flushing_to + CACHE_WINDOW {
             let start = self.cache_flushing_to;
@@ -335,20 +277,20 @@ impl Write for VolumeWriter {
                 ));
             }
         }
-        if self.buf.is_empty() && data.len() >= self.chunk && self.direct.is_none() {
-            // A whole chunk: straight from the caller's buffer (a direct
-            // write needs the aligned one).
-            self.write_region(&data[..self.chunk])?;
+        if self.buf.is_empty() && data.len() >= CHUNK {
+            // A whole chunk: straight from the caller's buffer.
+            self.write_region(&data[..CHUNK])?;
             if let Some(p) = &self.progress {
-                p.add_written(self.chunk as u64);
+                p.add_written(CHUNK as u64);
             }
-            return Ok(self.chunk);
+            return Ok(CHUNK);
         }
         if self.buf.capacity() == 0 {
-            self.buf = AlignedBuf::with_capacity(self.chunk);
+            self.buf.reserve_exact(CHUNK);
         }
-        let n = self.buf.fill_from(data);
-        if self.buf.is_full() {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
             self.write_buffer()?;
         }
         if let Some(p) = &self.progress {

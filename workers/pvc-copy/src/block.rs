@@ -2,9 +2,7 @@
 //! chunks read by one thread and written by another, holes of an image file
 //! never read, zero chunks never written as data (BLKZEROOUT on a device,
 //! holes in a fresh image file), the device digest hashed on a third thread
-//! from the same buffers. A device target is written with direct I/O from
-//! page-aligned buffers (see `populator_core::direct`: half the time of
-//! buffered writes and a fraction of the system time on a loop device).
+//! from the same buffers.
 
 use std::fs::File;
 use std::io;
@@ -14,29 +12,18 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use crossbeam_channel::bounded;
-use populator_core::direct::{AlignedBuf, DirectDevice};
 
 use crate::digest::{chunk_count, chunk_hash, chunk_len, combine, is_zero, zero_hash, Hash, CHUNK};
 use crate::filecopy::data_segments;
 
 /// One chunk as read: data, or known zeros.
 pub enum Chunk {
-    Data(Arc<AlignedBuf>),
+    Data(Arc<Vec<u8>>),
     Zero,
 }
 
-/// Where chunk `index` of a source of `size` bytes is, when any of it is
-/// data; `segments` are the source's data ranges (holes read as zeros).
-fn chunk_with_data(size: u64, index: u64, segments: &[(u64, u64)]) -> Option<(u64, usize)> {
-    let (start, len) = (index * CHUNK, chunk_len(size, index));
-    segments
-        .iter()
-        .any(|&(a, b)| a < start + len && b > start)
-        .then_some((start, len as usize))
-}
-
-/// Reads chunk `index` of `src`; false when it is all zeros (holes are not
-/// read).
+/// Reads chunk `index` of `src`; `segments` are its data ranges (holes are
+/// zeros without reading).
 pub fn read_chunk(
     src: &File,
     size: u64,
@@ -44,28 +31,13 @@ pub fn read_chunk(
     segments: &[(u64, u64)],
     buf: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    let Some((start, len)) = chunk_with_data(size, index, segments) else {
+    let (start, len) = (index * CHUNK, chunk_len(size, index));
+    if !segments.iter().any(|&(a, b)| a < start + len && b > start) {
         return Ok(false);
-    };
-    buf.resize(len, 0);
+    }
+    buf.resize(len as usize, 0);
     src.read_exact_at(buf, start)?;
     Ok(!is_zero(buf))
-}
-
-/// [`read_chunk`] into a page-aligned buffer, for a direct write.
-fn read_chunk_aligned(
-    src: &File,
-    size: u64,
-    index: u64,
-    segments: &[(u64, u64)],
-    buf: &mut AlignedBuf,
-) -> io::Result<bool> {
-    let Some((start, len)) = chunk_with_data(size, index, segments) else {
-        return Ok(false);
-    };
-    let data = buf.filled_to(len);
-    src.read_exact_at(data, start)?;
-    Ok(!is_zero(data))
 }
 
 /// Where zero chunks go on the target.
@@ -87,8 +59,6 @@ pub struct ChunkWriter<'a> {
     pub data_bytes: u64,
     pub zero_bytes: u64,
     writeback: bool,
-    /// Direct writes onto a device target.
-    direct: Option<DirectDevice>,
 }
 
 const WINDOW: u64 = 64 << 20;
@@ -105,16 +75,7 @@ impl<'a> ChunkWriter<'a> {
             data_bytes: 0,
             zero_bytes: 0,
             writeback: true,
-            direct: None,
         }
-    }
-
-    /// Writes aligned data directly when the target is a block device (the
-    /// writes then come from one thread: none is in flight while a
-    /// buffered write reads a partial page).
-    pub fn with_direct_io(mut self) -> Self {
-        self.direct = DirectDevice::for_device(self.file);
-        self
     }
 
     /// Writes one chunk and its zero regions, nothing left pending: for
@@ -157,13 +118,7 @@ impl<'a> ChunkWriter<'a> {
                 if let Some(run) = self.zero_run.take() {
                     self.flush_zeros(run)?;
                 }
-                let unwritten = match &self.direct {
-                    Some(direct) => direct.write_all_at(&data[at..end], offset)?,
-                    None => Some(&data[at..end]),
-                };
-                if let Some(rest) = unwritten {
-                    self.file.write_all_at(rest, offset)?;
-                }
+                self.file.write_all_at(&data[at..end], offset)?;
                 self.data_bytes += (end - at) as u64;
             }
             at = end;
@@ -197,7 +152,7 @@ impl<'a> ChunkWriter<'a> {
     /// Starts writeback behind the writer and waits for the window before
     /// it, so dirty pages stay bounded (a pod's memory limit counts them).
     fn writeback(&mut self, upto: u64) {
-        if !self.writeback || self.direct.is_some() {
+        if !self.writeback {
             return;
         }
         let fd = self.file.as_raw_fd();
@@ -334,8 +289,8 @@ pub fn copy_device(
     unsafe { libc::posix_fadvise(src.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     let count = chunk_count(size);
     let (to_writer, from_reader) = bounded::<(u64, Chunk)>(3);
-    let (to_hasher, from_writer) = bounded::<(u64, Arc<AlignedBuf>)>(3);
-    let (recycle, recycled) = bounded::<AlignedBuf>(8);
+    let (to_hasher, from_writer) = bounded::<(u64, Arc<Vec<u8>>)>(3);
+    let (recycle, recycled) = bounded::<Vec<u8>>(8);
     let mut hashes: Vec<Hash> = (0..count).map(|i| zero_hash(chunk_len(size, i))).collect();
     let first = resume.first.min(count);
     // The resumed part's hashes: from the target, which holds it.
@@ -354,18 +309,18 @@ pub fn copy_device(
     let mut journal_written = first > 0;
     let mut committed = first * CHUNK;
     let mut last_commit = std::time::Instant::now();
-    let mut writer = ChunkWriter::new(dst, zeroing).with_direct_io();
+    let mut writer = ChunkWriter::new(dst, zeroing);
     writer.flushed_to = first * CHUNK / WINDOW * WINDOW;
     let (read_result, write_result) = std::thread::scope(|s| {
         let reader = s.spawn(move || -> Result<()> {
-            let mut spare: Option<AlignedBuf> = None;
+            let mut spare: Option<Vec<u8>> = None;
             for i in first..count {
                 cancel.check()?;
                 let mut buf = spare
                     .take()
                     .or_else(|| recycled.try_recv().ok())
-                    .unwrap_or_else(|| AlignedBuf::with_capacity(CHUNK as usize));
-                let has_data = read_chunk_aligned(src, size, i, &segments, &mut buf)
+                    .unwrap_or_default();
+                let has_data = read_chunk(src, size, i, &segments, &mut buf)
                     .with_context(|| format!("reading the source at offset {}", i * CHUNK))?;
                 let chunk = if has_data {
                     Chunk::Data(Arc::new(buf))
@@ -382,7 +337,7 @@ pub fn copy_device(
         let hasher = s.spawn(move || {
             let mut out = Vec::new();
             for (i, data) in from_writer {
-                out.push((i, chunk_hash(data.as_slice())));
+                out.push((i, chunk_hash(&data)));
                 if let Ok(buf) = Arc::try_unwrap(data) {
                     let _ = recycle.try_send(buf);
                 }
@@ -400,7 +355,7 @@ pub fn copy_device(
                     Chunk::Zero => writer.zero(start, len)?,
                     Chunk::Data(data) => {
                         writer
-                            .data(start, data.as_slice())
+                            .data(start, &data)
                             .with_context(|| format!("writing the target at offset {start}"))?;
                         progress.add_written(len);
                         let _ = to_hasher.send((i, data));
