@@ -154,8 +154,9 @@ net_block_case() { drop_caches; timed netblock "$1" "$2"; }
 for ((r = 1; r <= runs; r++)); do
   log "run $r of $runs"
   # Local cases in reverse order every other run, so that no tool always
-  # runs first after the tree cases: the block copy that did (pvc-copy's)
-  # took 4.0 s in its first run and 2.5-3.2 s in the others.
+  # runs first after the tree cases: the block copy that does is up to half
+  # again slower (dd 3.7-4.2 s first, 2.2-2.8 s second; pvc-copy 4.0 s
+  # first, 2.5-3.2 s later, when it always went first).
   local_cases=(tree_pvc tree_cp tree_rsync tree_tar block_pvc block_dd)
   if ((r % 2 == 0)); then
     local_cases=(tree_tar tree_rsync tree_cp tree_pvc block_dd block_pvc)
