@@ -372,10 +372,12 @@ impl Receiver<'_> {
             let kind = read_frame(conn, buf)?;
             match kind {
                 Frame::Data | Frame::Zero => {
-                    // After any commit under way: it may still write the
-                    // journal where this chunk goes.
-                    let _no_commit = transfer.committing.lock().unwrap();
-                    transfer.journal.lock().unwrap().closed = true;
+                    {
+                        // After any commit under way: it may still write
+                        // the journal where this chunk goes.
+                        let _no_commit = transfer.committing.lock().unwrap();
+                        transfer.journal.lock().unwrap().closed = true;
+                    }
                     self.block_frame(&transfer, kind, buf)?;
                 }
                 Frame::Finish => break,
