@@ -345,6 +345,26 @@ fn restores_from_s3_with_tls_and_a_private_ca() {
     backup_and_restore_over_tls(&repo, &ca.ca_cert, "s3-tls");
 }
 
+/// A --ca-file that holds no certificate is a usage error naming the file,
+/// for REST and S3 repositories alike, before any connection is tried.
+#[test]
+fn a_ca_file_without_a_certificate_is_a_usage_error() {
+    let dir = test_dir("bad-ca");
+    let bad_ca = dir.join("not-a-ca.pem");
+    std::fs::write(&bad_ca, "this is not PEM\n").unwrap();
+    for repo in [
+        "rest:https://127.0.0.1:9/repo/",
+        "s3:https://127.0.0.1:9/bucket/repo",
+    ] {
+        let target = test_dir(&format!("bad-ca-{}", &repo[..4]));
+        let run = restore(repo, &target).arg("--ca-file").arg(&bad_ca).run();
+        run.code(2)
+            .reason("InvalidConfiguration")
+            .message_contains("holds no PEM certificate")
+            .message_contains("not-a-ca.pem");
+    }
+}
+
 /// restic (trusting `ca`) backs up one directory to `repo`; backup-restore
 /// fails without --ca-file, naming the certificate, and restores it with.
 fn backup_and_restore_over_tls(repo: &str, ca: &Path, name: &str) {

@@ -287,7 +287,8 @@ pub struct ResticSource {
     pub paths: Vec<String>,
     pub includes: Vec<String>,
     pub connections: usize,
-    /// `--ca-file`, trusted by an HTTPS REST server's connection.
+    /// `--ca-file`, trusted by the connection to an HTTPS REST server or S3
+    /// endpoint.
     pub ca_file: Option<PathBuf>,
 }
 

@@ -20,6 +20,16 @@ pub type IndexedRepo = Repository<IndexedFullStatus>;
 /// too, for reading pack ranges.
 pub fn open(source: &ResticSource) -> Result<(IndexedRepo, Arc<dyn WriteBackend>)> {
     let name = source.location.display();
+    // --ca-file, read and checked by the core (the workers' one message for
+    // a file that cannot be read or holds no certificate) before a client
+    // is built on it.
+    let ca_certificates = || {
+        source
+            .ca_file
+            .as_deref()
+            .map(populator_core::tls::ca_certificates)
+            .transpose()
+    };
     let backend: Arc<dyn WriteBackend> = match &source.location {
         RepoLocation::Local(path) => {
             if !path.join("config").is_file() {
@@ -41,7 +51,9 @@ pub fn open(source: &ResticSource) -> Result<(IndexedRepo, Arc<dyn WriteBackend>
             )
         }
         RepoLocation::Rest(url) => {
-            // rustic's REST client trusts the system roots plus `cacert`.
+            // rustic's REST client trusts the system roots plus `cacert`
+            // (a path: it reads the file again).
+            ca_certificates()?;
             let ca = source
                 .ca_file
                 .as_ref()
@@ -53,8 +65,9 @@ pub fn open(source: &ResticSource) -> Result<(IndexedRepo, Arc<dyn WriteBackend>
         }
         RepoLocation::S3(location) => {
             let (id, key) = source.s3_keys.as_ref().expect("S3 keys are checked in cli");
+            let ca = ca_certificates()?;
             Arc::new(
-                S3Backend::new(location, id, key, source.ca_file.as_deref()).map_err(|e| {
+                S3Backend::new(location, id, key, ca.as_deref()).map_err(|e| {
                     fail(
                         Kind::Usage,
                         "InvalidConfiguration",

@@ -3,7 +3,6 @@
 //! Restic's object layout: `config`, `keys/ID`, `snapshots/ID`, `index/ID`,
 //! `data/XX/ID` under the repository prefix.
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -15,6 +14,7 @@ use rustic_core::{
 
 use crate::cli::S3Location;
 use populator_core::secrets::Secret;
+use populator_core::tls::CertificateDer;
 
 /// opendal's blocking operator drives its async core on this runtime.
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -39,7 +39,7 @@ impl S3Backend {
         location: &S3Location,
         access_key_id: &Secret,
         secret_access_key: &Secret,
-        ca_file: Option<&Path>,
+        ca_certificates: Option<&[CertificateDer<'static>]>,
     ) -> anyhow::Result<Self> {
         // The reqwest HTTP transport (no auto-registration without opendal's
         // default features).
@@ -57,9 +57,9 @@ impl S3Backend {
             .disable_ec2_metadata();
         let mut operator = opendal::Operator::new(builder)?
             .layer(opendal::layers::RetryLayer::new().with_max_times(3));
-        if let Some(ca) = ca_file {
+        if let Some(certs) = ca_certificates {
             operator = operator.with_context(
-                opendal::OperationContext::new().with_http_transport(transport_trusting(ca)?),
+                opendal::OperationContext::new().with_http_transport(transport_trusting(certs)?),
             );
         }
         let _guard = runtime().enter();
@@ -80,12 +80,16 @@ impl S3Backend {
 }
 
 /// opendal's HTTP client (reqwest 0.13, rustls) trusting the system roots
-/// and the CA certificates in `ca` (a private MinIO or Ceph RGW, say).
-fn transport_trusting(ca: &Path) -> anyhow::Result<opendal::HttpTransporter> {
+/// and `--ca-file`'s certificates (a private MinIO or Ceph RGW, say).
+fn transport_trusting(
+    ca_certificates: &[CertificateDer<'static>],
+) -> anyhow::Result<opendal::HttpTransporter> {
     use anyhow::Context as _;
-    let pem = std::fs::read(ca).with_context(|| format!("reading --ca-file {}", ca.display()))?;
-    let certs = reqwest13::Certificate::from_pem_bundle(&pem)
-        .with_context(|| format!("--ca-file {} holds no PEM certificate", ca.display()))?;
+    let certs = ca_certificates
+        .iter()
+        .map(|der| reqwest13::Certificate::from_der(der))
+        .collect::<Result<Vec<_>, _>>()
+        .context("a certificate of --ca-file")?;
     let client = reqwest13::Client::builder()
         .tls_certs_merge(certs)
         .build()

@@ -540,28 +540,14 @@ fn build_client(options: &HttpOptions) -> Result<reqwest::Client> {
         .read_timeout(options.timeout)
         .user_agent(concat!("populator-workers/", env!("CARGO_PKG_VERSION")));
     if let Some(ca) = &options.ca_file {
-        let pem = std::fs::read(ca).map_err(|e| {
-            fail(
-                Kind::Usage,
-                "InvalidConfiguration",
-                format!("cannot read the CA file {}: {e}", ca.display()),
-            )
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            fail(
-                Kind::Usage,
-                "InvalidConfiguration",
-                format!("the CA file {} holds no PEM certificate: {e}", ca.display()),
-            )
-        })?;
-        if certs.is_empty() {
-            return Err(fail(
-                Kind::Usage,
-                "InvalidConfiguration",
-                format!("the CA file {} holds no PEM certificate", ca.display()),
-            ));
-        }
-        for cert in certs {
+        for der in crate::tls::ca_certificates(ca)? {
+            let cert = reqwest::Certificate::from_der(&der).map_err(|e| {
+                fail(
+                    Kind::Usage,
+                    "InvalidConfiguration",
+                    format!("a certificate in the CA file {}: {e}", ca.display()),
+                )
+            })?;
             builder = builder.add_root_certificate(cert);
         }
     }

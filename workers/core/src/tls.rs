@@ -6,10 +6,37 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+/// The certificate type [`ca_certificates`] returns, for workers without
+/// their own rustls dependency.
+pub use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::Digest as _;
 
 use crate::error::{fail, Kind};
+
+/// The CA certificates in a PEM file (`--ca-file`), with the one-line usage
+/// error every worker gives for a file that cannot be read or holds none.
+pub fn ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let usage = |e: &dyn std::fmt::Display| {
+        fail(
+            Kind::Usage,
+            "InvalidConfiguration",
+            format!("cannot read the CA file {}: {e}", path.display()),
+        )
+    };
+    let pem = std::fs::read(path).map_err(|e| usage(&e))?;
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| usage(&e))?;
+    if certs.is_empty() {
+        return Err(fail(
+            Kind::Usage,
+            "InvalidConfiguration",
+            format!("the CA file {} holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(certs)
+}
 
 /// A certificate chain and its key.
 pub struct Identity {
